@@ -1,0 +1,61 @@
+# Spatial Dependency Networks: reproducibility pipeline.
+# `make` installs and runs the default (offline) experiments; `make test` installs and runs the tests.
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DVC_NO_ANALYTICS := 1
+DVC := $(BIN)/dvc
+
+DEFAULT_DATASETS := photos32 sprites
+PAPER_DATASETS := cifar10 imagenet32 celebahq256 3dshapes
+DATASETS := $(DEFAULT_DATASETS) $(PAPER_DATASETS)
+
+.DEFAULT_GOAL := all
+.PHONY: all help install test test-slow lint bench metrics diff plots summary $(DATASETS)
+
+all: install ## Install, then rebuild the default offline experiments (photos32, sprites) and the summary
+	$(DVC) repro summary
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z0-9_ -]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort | \
+		awk -F'\t' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
+	@echo "  <dataset>      Run one dataset's experiments (SDN and CNN): $(DATASETS)"
+
+install: $(STAMP) ## Create .venv and install the project (editable) with its pinned dependencies
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+test: install ## Run the test suite (slow tests excluded)
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: install ## Run only the slow tests
+	$(BIN)/python -m pytest -m slow
+
+lint: install ## Check code style with ruff
+	$(BIN)/ruff check sdn stages tests benchmarks
+
+bench: install ## Run the benchmarks (SDN layer against a per-line loop; LMDB loader)
+	$(BIN)/python benchmarks/sdn_layer.py
+	$(BIN)/python benchmarks/data_loader.py
+
+metrics: install ## Show the committed metrics as a markdown table
+	$(DVC) metrics show --md
+
+diff: install ## Compare metrics with another commit: make diff REV=HEAD~1
+	$(DVC) metrics diff $(or $(REV),HEAD) --md
+
+plots: install ## Render training curves and sample grids to dvc_plots/index.html
+	$(DVC) plots show
+
+$(DATASETS): install
+	$(DVC) repro $(foreach e,$@-sdn $@-cnn,evaluate@$(e) sample@$(e))
+	$(DVC) repro --force --single-item summary
+
+summary: install ## Rebuild metrics/summary.{md,csv} from every evaluated experiment
+	$(DVC) repro --force --single-item summary

@@ -1,0 +1,49 @@
+"""Command line: `python -m sdn info <experiment>` and `python -m sdn inspect <dataset>`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def info(name: str) -> dict:
+    """Parameter count and ladder structure of an experiment's model; needs no data."""
+    from sdn.config import experiment_config, load_params
+    from sdn.training import count_parameters, prepare_model
+    from sdn.config import build_model
+
+    cfg = experiment_config(load_params(), name)
+    model = prepare_model(build_model(cfg), cfg.train)
+    return {"experiment": name, "kind": cfg.kind, "dataset": cfg.dataset,
+            "parameters": count_parameters(model), **model.describe()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sdn", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="model structure and parameter count of an experiment").add_argument(
+        "experiment")
+    inspect = commands.add_parser("inspect", help="splits, counts, shapes and labels of a converted dataset")
+    inspect.add_argument("dataset")
+    inspect.add_argument("--data-root", default="data")
+    args = parser.parse_args(argv)
+
+    from sdn.config import ConfigError
+
+    try:
+        if args.command == "info":
+            result = info(args.experiment)
+        else:
+            from sdn.data import inspect_dataset
+
+            result = inspect_dataset(args.dataset, args.data_root)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Loading and validating `params.yaml`: the one source of truth for every stage.
+
+Every section is checked against a dataclass before any work starts: unknown (misspelt) keys,
+wrong types and impossible values stop with a `ConfigError` naming the dotted key and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sdn.models.configs import DensityConfig, DisentanglementConfig
+
+PARAMS_FILE = Path("params.yaml")
+MODEL_KINDS = ("density", "disentanglement")
+POSTERIORS = ("IAF", "IsoGaussian")
+PRIORS = ("IsoGaussian",)
+OBSERVATIONS = ("DML", "DL", "Bernoulli")
+PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+class ConfigError(ValueError):
+    """A bad value in `params.yaml` (or a config dict); the message names the key and the fix."""
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """Read `params.yaml` as a plain dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run stages from the repository root, where params.yaml is.")
+    with path.open() as handle:
+        try:
+            params = yaml.safe_load(handle)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(params).__name__}.")
+    return params
+
+
+def dataset_config(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """The `datasets.<name>` section, or an error listing the datasets that exist."""
+    datasets = params.get("datasets") or {}
+    if name not in datasets:
+        known = ", ".join(sorted(datasets)) or "none"
+        raise ConfigError(f"datasets.{name}: no such dataset in params.yaml (known: {known}).")
+    return datasets[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings; an experiment's `trainer:` overrides these keys."""
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    num_workers: int = 0
+    deterministic: bool = True
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    max_steps: int = 1000
+    lr: float = 0.002
+    lrate_decay: float = 1.0
+    ema_coef: float = 0.999
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    val_every_steps: int = 500
+    val_batches: int | None = None
+    ckpt_every_steps: int = 500
+    flip: bool = False
+    init: str = "orthogonal"
+    weight_norm: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    iw_samples: int = 1024
+    batch_size: int = 32
+    chunk_size: int = 1024
+    max_images: int | None = None
+    disentanglement_points: int = 5000
+
+
+@dataclass
+class SampleConfig:
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7])
+    grid: int = 8
+    interpolation_layers: list[int] = field(default_factory=lambda: [2])
+    interpolation_steps: int = 6
+    interpolation_temperature: float = 0.0
+    neighbourhood_layers: int = 2
+    neighbourhood_temperature: float = 0.7
+    nearest_samples: int = 4
+    nearest_k: int = 5
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    dataset: str
+    seed: int
+    model: DensityConfig | DisentanglementConfig
+    kind: str
+    trainer: TrainerConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    sample: SampleConfig
+    reported: dict[str, float] = field(default_factory=dict)
+    baseline: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Generic checking of a mapping against a dataclass
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint)) if typing.get_origin(hint) is None else str(hint)
+
+
+def build_section(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
+    """Instantiate dataclass `cls` from mapping `data`, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(names)}."
+            raise ConfigError(f"{where}.{key}: unknown key.{hint}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name not in data:
+            if f.name not in skip and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}.{f.name}: missing; it is required ({_describe(hints[f.name])}).")
+            continue
+        value = data[f.name]
+        if hints[f.name] is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not _type_ok(value, hints[f.name]):
+            raise ConfigError(
+                f"{where}.{f.name}: expected {_describe(hints[f.name])}, got {type(value).__name__} {value!r}."
+            )
+        values[f.name] = value
+    return values
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    _require(value in choices, key, f"unknown value {value!r}; expected one of {', '.join(choices)}.")
+
+
+def _check_density(cfg: DensityConfig, where: str) -> None:
+    _choice(cfg.post_model, POSTERIORS, f"{where}.post_model")
+    _choice(cfg.prior_model, PRIORS, f"{where}.prior_model")
+    _choice(cfg.obs_model, OBSERVATIONS, f"{where}.obs_model")
+    for key in ("z_size", "h_size", "depth", "mix_components"):
+        _require(getattr(cfg, key) >= 1, f"{where}.{key}", f"must be at least 1, got {getattr(cfg, key)}.")
+    _require(1 <= cfg.nbits <= 8, f"{where}.nbits", f"must be between 1 and 8, got {cfg.nbits}.")
+    _require(0 <= cfg.sdn_num_dirs <= 4, f"{where}.sdn_num_dirs", f"a direction count is 0 to 4, got {cfg.sdn_num_dirs}.")
+    _require(cfg.free_bits >= 0, f"{where}.free_bits", f"must be non-negative, got {cfg.free_bits}.")
+    bad = [i for i in cfg.ds_list if not 0 <= i < cfg.depth]
+    _require(not bad, f"{where}.ds_list", f"layer indices {bad} lie outside 0..depth-1 (depth={cfg.depth}).")
+    _require(len(set(cfg.ds_list)) == len(cfg.ds_list), f"{where}.ds_list", "contains repeated layers.")
+    for key in ("sdn_max_scale", "sdn_min_scale", "sdn_nfeat_diff"):
+        _require(getattr(cfg, key) >= 0, f"{where}.{key}", f"must be non-negative, got {getattr(cfg, key)}.")
+    uses_sdn = cfg.sdn_max_scale >= max(cfg.sdn_min_scale, 1)
+    if uses_sdn:
+        _require(cfg.sdn_nfeat_0 >= 1, f"{where}.sdn_nfeat_0", "SDN layers need at least 1 feature.")
+        _require(cfg.sdn_num_dirs >= 1, f"{where}.sdn_num_dirs", "SDN layers need at least 1 direction.")
+    # downsampling an odd map would not invert on the way down
+    pad = 2 if cfg.image_size == 28 else 0
+    scale = (cfg.image_size // 2 if cfg.downsample_first else cfg.image_size) + 2 * pad
+    if cfg.downsample_first:
+        _require(cfg.image_size % 2 == 0, f"{where}.downsample_first", "needs an even image size.")
+    for i in range(cfg.depth):
+        if i in cfg.ds_list and scale > 1:
+            _require(scale % 2 == 0, f"{where}.ds_list", f"layer {i} would downsample an odd {scale}x{scale} map.")
+            scale //= 2
+
+
+def _check_disentanglement(cfg: DisentanglementConfig, where: str) -> None:
+    _choice(cfg.obs_model, OBSERVATIONS, f"{where}.obs_model")
+    _require(cfg.image_size == 64, f"{where}.image_size", "the β-VAE is built for 64x64 images.")
+    _require(cfg.z_size >= 1, f"{where}.z_size", "must be at least 1.")
+    _require(1 <= cfg.nbits <= 8, f"{where}.nbits", f"must be between 1 and 8, got {cfg.nbits}.")
+    _require(0 <= cfg.sdn_num_dirs <= 4, f"{where}.sdn_num_dirs", f"a direction count is 0 to 4, got {cfg.sdn_num_dirs}.")
+    _require(cfg.beta_final >= 0, f"{where}.beta_final", "must be non-negative.")
+    _require(0 < cfg.beta_rate <= 1, f"{where}.beta_rate", "must lie in (0, 1].")
+    if any(cfg.sdn_min_scale <= s <= cfg.sdn_max_scale for s in (8, 16, 32, 64)):
+        _require(cfg.sdn_nfeat_0 >= 1, f"{where}.sdn_nfeat_0", "SDN layers need at least 1 feature.")
+        _require(cfg.sdn_num_dirs >= 1, f"{where}.sdn_num_dirs", "SDN layers need at least 1 direction.")
+
+
+def _dataset_shape(params: dict[str, Any], dataset: str, where: str) -> tuple[int, int]:
+    cfg = dataset_config(params, dataset)
+    try:
+        return int(cfg["image_size"]), int(cfg["channels"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"datasets.{dataset}: needs integer 'image_size' and 'channels' (used by {where}).") from err
+
+
+def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
+    """Validate and assemble `experiments.<name>` (with the global `trainer:` defaults)."""
+    experiments = params.get("experiments") or {}
+    if name not in experiments:
+        close = difflib.get_close_matches(name, list(experiments), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else f" Known: {', '.join(sorted(experiments))}."
+        raise ConfigError(f"experiments.{name}: no such experiment in params.yaml.{hint}")
+    where = f"experiments.{name}"
+    raw = experiments[name]
+    _require(isinstance(raw, dict), where, "expected a mapping.")
+    allowed = {"dataset", "seed", "model", "trainer", "train", "evaluate", "sample", "reported", "baseline"}
+    for key in raw:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(allowed))}."
+            raise ConfigError(f"{where}.{key}: unknown key.{hint}")
+    for key in ("dataset", "seed", "model"):
+        _require(key in raw, f"{where}.{key}", "missing; it is required.")
+    dataset = raw["dataset"]
+    _require(isinstance(dataset, str), f"{where}.dataset", "expected a dataset name.")
+    _require(isinstance(raw["seed"], int) and not isinstance(raw["seed"], bool), f"{where}.seed", "expected an integer.")
+    image_size, channels = _dataset_shape(params, dataset, where)
+
+    model_raw = dict(raw["model"] or {})
+    kind = model_raw.pop("kind", None)
+    _require(kind in MODEL_KINDS, f"{where}.model.kind", f"expected one of {', '.join(MODEL_KINDS)}, got {kind!r}.")
+    model_cls = DensityConfig if kind == "density" else DisentanglementConfig
+    values = build_section(model_cls, model_raw, f"{where}.model", skip=("image_size", "channels"))
+    model = model_cls(image_size=image_size, channels=channels, **values)
+    if kind == "density":
+        _check_density(model, f"{where}.model")
+    else:
+        _check_disentanglement(model, f"{where}.model")
+
+    trainer_values = build_section(TrainerConfig, params.get("trainer"), "trainer")
+    trainer_values.update(build_section(TrainerConfig, raw.get("trainer"), f"{where}.trainer"))
+    trainer = TrainerConfig(**trainer_values)
+    _choice(str(trainer.precision), PRECISIONS, f"{where}.trainer.precision")
+
+    train = TrainConfig(**build_section(TrainConfig, raw.get("train"), f"{where}.train"))
+    for key in ("batch_size", "max_steps", "accumulate_grad_batches", "val_every_steps", "ckpt_every_steps"):
+        _require(getattr(train, key) >= 1, f"{where}.train.{key}", f"must be at least 1, got {getattr(train, key)}.")
+    _require(train.lr > 0, f"{where}.train.lr", "must be positive.")
+    _require(0 < train.lrate_decay <= 1, f"{where}.train.lrate_decay", "must lie in (0, 1].")
+    _require(0 <= train.ema_coef < 1, f"{where}.train.ema_coef", "must lie in [0, 1).")
+    _choice(train.init, ("orthogonal", "default"), f"{where}.train.init")
+
+    evaluate = EvaluateConfig(**build_section(EvaluateConfig, raw.get("evaluate"), f"{where}.evaluate"))
+    _require(evaluate.iw_samples >= 1, f"{where}.evaluate.iw_samples", "must be at least 1.")
+    _require(evaluate.chunk_size >= 1, f"{where}.evaluate.chunk_size", "must be at least 1.")
+    sample = SampleConfig(**build_section(SampleConfig, raw.get("sample"), f"{where}.sample"))
+    _require(all(t >= 0 for t in sample.temperatures), f"{where}.sample.temperatures", "must be non-negative.")
+
+    reported = raw.get("reported") or {}
+    _require(isinstance(reported, dict), f"{where}.reported", "expected a mapping of metric name to number.")
+    baseline = raw.get("baseline")
+    if baseline is not None:
+        _require(baseline in experiments, f"{where}.baseline", f"no experiment named {baseline!r}.")
+    return ExperimentConfig(
+        name=name, dataset=dataset, seed=raw["seed"], model=model, kind=kind, trainer=trainer,
+        train=train, evaluate=evaluate, sample=sample, reported=reported, baseline=baseline,
+    )
+
+
+def validate_params(params: dict[str, Any]) -> list[ExperimentConfig]:
+    """Check every experiment (and the trainer defaults); returns them all."""
+    allowed = {"datasets", "experiments", "trainer"}
+    for key in params:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else f" Known: {', '.join(sorted(allowed))}."
+            raise ConfigError(f"{key}: unknown top-level section in params.yaml.{hint}")
+    build_section(TrainerConfig, params.get("trainer"), "trainer")
+    return [experiment_config(params, name) for name in params.get("experiments") or {}]
+
+
+def build_model(cfg: ExperimentConfig):
+    """The plain `nn.Module` an experiment trains."""
+    if cfg.kind == "density":
+        from sdn.models.density import DensityVAE
+
+        return DensityVAE(cfg.model)
+    from sdn.models.disentanglement import DisentanglementVAE
+
+    return DisentanglementVAE(cfg.model)

@@ -1,0 +1,100 @@
+"""Pictures of a trained model: sample grids, latent interpolation, neighbourhoods, nearest
+training images, reconstructions and latent traversals. Each returns image tensors in [0, 1]
+(N, C, H, W) or a grid; `save_grid` writes a PNG atomically."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchvision.utils import make_grid
+
+
+def save_grid(images: Tensor, path: Path, nrow: int) -> None:
+    """Write images in [0, 1] as one PNG grid (temporary file, then rename)."""
+    from PIL import Image
+
+    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    if array.shape[2] == 1:
+        array = array[..., 0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def sample_grid(model, n: int, temperature: float) -> Tensor:
+    """`n` samples at `temperature`, as images in [0, 1]."""
+    return model.obs.postprocess(model.sample(n, temperature))
+
+
+def _lerp_weights(steps: int, device) -> Tensor:
+    return torch.linspace(0.0, 1.0, steps, device=device)
+
+
+@torch.no_grad()
+def interpolate_density(model, x_pair: Tensor, layers: int, steps: int, temperature: float) -> Tensor:
+    """Decode linear interpolations between two images' latents of the top `layers` ladder
+    layers; the remaining layers are drawn from the prior at `temperature`. Rows: first image,
+    `steps` interpolants (endpoints included), second image."""
+    latents = model.encode(x_pair)[:layers]
+    rows = []
+    for w in _lerp_weights(steps, x_pair.device):
+        rows.append([(1 - w) * z[0:1] + w * z[1:2] for z in latents])
+    decoded = torch.cat([model.decode(z, temperature=temperature, batch=1) for z in rows])
+    return model.obs.postprocess(torch.cat([x_pair[0:1], decoded, x_pair[1:2]]))
+
+
+@torch.no_grad()
+def neighbourhood(model, x: Tensor, fixed_layers: int, n: int, temperature: float) -> Tensor:
+    """Keep the top `fixed_layers` latents of each image in `x`, resample the rest `n` times.
+    Rows: the image, then its `n` neighbours."""
+    rows = []
+    for image in x:
+        latents = [z.expand(n, *z.shape[1:]) for z in model.encode(image[None])[:fixed_layers]]
+        rows.append(torch.cat([image[None], model.decode(latents, temperature=temperature, batch=n)]))
+    return model.obs.postprocess(torch.cat(rows))
+
+
+@torch.no_grad()
+def nearest_training_images(samples: Tensor, training_chunks: Iterable[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """For each sample (images in [0, 1]) its `k` nearest training images by L2 distance, streamed
+    over chunks of training images (so any training set size fits in memory).
+    Returns (indices (S, k), distances (S, k))."""
+    flat_samples = samples.flatten(1).float()
+    best_d = torch.full((len(samples), k), float("inf"))
+    best_i = torch.zeros((len(samples), k), dtype=torch.long)
+    start = 0
+    for chunk in training_chunks:
+        d = torch.cdist(flat_samples, chunk.flatten(1).float())
+        d_all = torch.cat([best_d, d], dim=1)
+        i_all = torch.cat([best_i, torch.arange(start, start + len(chunk)).expand(len(samples), -1)], dim=1)
+        best_d, order = d_all.topk(k, dim=1, largest=False)
+        best_i = i_all.gather(1, order)
+        start += len(chunk)
+    return best_i, best_d
+
+
+@torch.no_grad()
+def reconstructions(model, x: Tensor) -> Tensor:
+    """Inputs and their reconstructions (posterior mean → observation mode), interleaved rows."""
+    recon = model.decode(model.encode(x))
+    return model.obs.postprocess(torch.stack([x, recon], dim=1).flatten(0, 1))
+
+
+@torch.no_grad()
+def traversals(model, x: Tensor, values: tuple[float, ...] = (-3, -2, -1, 0, 1, 2, 3)) -> Tensor:
+    """One row per latent dimension: the image, then the code with that dimension set to each
+    value in `values`."""
+    z = model.encode(x[0:1])
+    rows = []
+    for dim in range(z.shape[1]):
+        codes = z.repeat(len(values), 1)
+        codes[:, dim] = torch.tensor(values, dtype=z.dtype)
+        rows.append(torch.cat([x[0:1], model.decode(codes)]))
+    return model.obs.postprocess(torch.cat(rows))

@@ -1,0 +1,19 @@
+"""DVC stage `train@<experiment>`: train (or resume) one experiment.
+
+Writes data/checkpoints/<experiment>/last.ckpt and metrics/<experiment>/{train,val}.csv.
+"""
+
+from sdn.config import experiment_config, load_params, validate_params
+from sdn.pipeline import checkpoint_dir, lmdb_dir, metrics_dir, run_stage
+from sdn.training import train_experiment
+
+
+def main(name: str) -> None:
+    params = load_params()
+    validate_params(params)
+    cfg = experiment_config(params, name)
+    train_experiment(cfg, lmdb_dir(cfg.dataset), checkpoint_dir(name), metrics_dir(name))
+
+
+if __name__ == "__main__":
+    run_stage(main, "python stages/train.py <experiment>")
