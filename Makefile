@@ -14,14 +14,14 @@ PAPER_DATASETS := cifar10 imagenet32 celebahq256 3dshapes
 DATASETS := $(DEFAULT_DATASETS) $(PAPER_DATASETS)
 
 .DEFAULT_GOAL := all
-.PHONY: all help install test test-slow lint bench metrics diff plots summary $(DATASETS)
+.PHONY: all help install test test-slow lint bench metrics diff plots summary readme $(DATASETS)
 
 all: install ## Install, then rebuild the default offline experiments (photos32, sprites) and the summary
 	$(DVC) repro summary
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_ -]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort | \
-		awk -F'\t' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
+		awk -F"\t" '{printf "  %-14s %s\n", $$1, $$2}'
 	@echo "  <dataset>      Run one dataset's experiments (SDN and CNN): $(DATASETS)"
 
 install: $(STAMP) ## Create .venv and install the project (editable) with its pinned dependencies
@@ -56,6 +56,9 @@ plots: install ## Render training curves and sample grids to dvc_plots/index.htm
 $(DATASETS): install
 	$(DVC) repro $(foreach e,$@-sdn $@-cnn,evaluate@$(e) sample@$(e))
 	$(DVC) repro --force --single-item summary
+
+readme: install ## Copy the results table of metrics/summary.md into README.md
+	$(BIN)/python -m sdn readme
 
 summary: install ## Rebuild metrics/summary.{md,csv} from every evaluated experiment
 	$(DVC) repro --force --single-item summary

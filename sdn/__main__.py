@@ -9,9 +9,8 @@ import sys
 
 def info(name: str) -> dict:
     """Parameter count and ladder structure of an experiment's model; needs no data."""
-    from sdn.config import experiment_config, load_params
+    from sdn.config import build_model, experiment_config, load_params
     from sdn.training import count_parameters, prepare_model
-    from sdn.config import build_model
 
     cfg = experiment_config(load_params(), name)
     model = prepare_model(build_model(cfg), cfg.train)
@@ -27,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect = commands.add_parser("inspect", help="splits, counts, shapes and labels of a converted dataset")
     inspect.add_argument("dataset")
     inspect.add_argument("--data-root", default="data")
+    commands.add_parser("readme", help="copy the table of metrics/summary.md into README.md")
     args = parser.parse_args(argv)
 
     from sdn.config import ConfigError
@@ -34,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             result = info(args.experiment)
+        elif args.command == "readme":
+            from pathlib import Path
+
+            from sdn.summary import with_results
+
+            readme = Path("README.md")
+            readme.write_text(with_results(readme.read_text(), Path("metrics/summary.md").read_text()))
+            return 0
         else:
             from sdn.data import inspect_dataset
 

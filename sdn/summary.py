@@ -61,3 +61,16 @@ def write_summary(table: pd.DataFrame, out_dir: Path) -> None:
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out_dir / name)
+
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def with_results(readme: str, summary_md: str) -> str:
+    """README text with the block between the results markers replaced by the summary table."""
+    if README_START not in readme or README_END not in readme:
+        raise ValueError(f"README.md lacks the {README_START} / {README_END} markers.")
+    table = "\n".join(line for line in summary_md.splitlines() if line.startswith("|"))
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{table}\n{README_END}{tail}"
