@@ -1,0 +1,39 @@
+"""Data: verified downloads, LMDB conversion and loaders for every dataset of the pipeline.
+
+Flow: `download_dataset` fills `data/raw/<name>/`, `convert_dataset` writes one LMDB
+environment per split to `data/lmdb/<name>/`, and `ImageDataModule` / `LMDBImageDataset`
+serve it as uint8 (C, H, W) images with int64 labels.
+"""
+
+from typing import Any
+
+from sdn.data.errors import ChecksumError, DataError, DatasetError, DatasetNotFoundError, DownloadError
+from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, inspect_dataset, read_metadata
+from sdn.data.sources import SOURCES, convert_dataset, download_dataset, make_source
+
+__all__ = [
+    "SOURCES",
+    "ChecksumError",
+    "DataError",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "DownloadError",
+    "EpochSampler",
+    "ImageDataModule",
+    "LMDBImageDataset",
+    "SplitMetadata",
+    "convert_dataset",
+    "download_dataset",
+    "inspect_dataset",
+    "make_source",
+    "read_metadata",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The DataModule needs pytorch_lightning, slow to import: only load it when it is used.
+    if name in ("EpochSampler", "ImageDataModule"):
+        from sdn.data import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module 'sdn.data' has no attribute {name!r}")

@@ -1,0 +1,136 @@
+"""A Lightning DataModule over a converted dataset (`data/lmdb/<dataset>/{train,val}`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+
+from sdn.data.errors import DatasetError, DatasetNotFoundError
+from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, convert_hint, read_metadata
+
+SPLITS = ("train", "val")
+
+
+class EpochSampler(Sampler[tuple[int, bool]]):
+    """Yields `(index, flip)` pairs: the order and the flips are drawn from (seed, epoch).
+
+    Drawn here, in the main process, rather than in the workers, the batches and their flips
+    are the same for any `num_workers`. The epoch advances by itself after each pass; Lightning
+    also sets it with `set_epoch` at the start of every epoch.
+    """
+
+    def __init__(self, size: int, *, shuffle: bool, flip: bool, seed: int = 0) -> None:
+        self.size, self.shuffle, self.flip, self.seed = size, shuffle, flip, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
+        flips = rng.random(self.size) < 0.5 if self.flip else np.zeros(self.size, dtype=bool)
+        return iter(zip(order.tolist(), flips.tolist(), strict=True))
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Train and validation batches `(images, labels)` of a dataset converted by `stages/convert.py`.
+
+    Images are uint8 (B, C, H, W) unless `transform` (applied to each uint8 image) changes
+    them; labels are int64 (B, K), K = 0 for datasets without labels. `flip` randomly mirrors
+    training images horizontally. Shuffling and flips are deterministic given `seed`.
+    `image_shape`, if given, is checked against the data (C, H, W).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        batch_size: int,
+        num_workers: int = 0,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        flip: bool = False,
+        seed: int = 0,
+        image_shape: tuple[int, int, int] | None = None,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.transform, self.flip, self.seed = transform, flip, seed
+        self.pin_memory, self.drop_last = pin_memory, drop_last
+        self._meta = {split: self._read(split) for split in SPLITS}  # fail early, before training
+        self._check(image_shape)
+        self._datasets: dict[str, LMDBImageDataset] = {}
+
+    def _read(self, split: str) -> SplitMetadata:
+        path = self.data_dir / split
+        if not path.exists():
+            raise DatasetNotFoundError(f"{path} not found: build it with {convert_hint(path)}.")
+        return read_metadata(path)
+
+    def _check(self, image_shape: tuple[int, int, int] | None) -> None:
+        train, val = self._meta["train"], self._meta["val"]
+        rebuild = convert_hint(self.data_dir / "train")
+        if (train.shape, train.label_names) != (val.shape, val.label_names):
+            raise DatasetError(
+                f"{self.data_dir}: train and val disagree (shapes {train.shape} / {val.shape}, labels "
+                f"{train.label_names} / {val.label_names}); rebuild it with {rebuild}."
+            )
+        if image_shape is not None and tuple(image_shape) != train.shape:
+            raise DatasetError(
+                f"{self.data_dir} holds {train.shape} images but {tuple(image_shape)} are expected: fix "
+                f"image_size / channels in params.yaml or rebuild it with {rebuild}."
+            )
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Shape, labels (names, sizes, value names) and the count of each split."""
+        train = self._meta["train"]
+        return {
+            "dataset": train.dataset,
+            "shape": list(train.shape),
+            "dtype": "uint8",
+            "label_names": list(train.label_names),
+            "label_sizes": list(train.label_sizes),
+            "label_values": train.label_values,
+            "counts": {split: meta.count for split, meta in self._meta.items()},
+        }
+
+    def dataset(self, split: str) -> LMDBImageDataset:
+        """The `train` or `val` split as a Dataset (opened once, on first use)."""
+        if split not in self._datasets:
+            self._datasets[split] = LMDBImageDataset(self.data_dir / split, self.transform)
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            self.dataset(split)
+
+    def _loader(self, split: str, shuffle: bool, flip: bool) -> DataLoader:
+        dataset = self.dataset(split)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochSampler(len(dataset), shuffle=shuffle, flip=flip, seed=self.seed),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            drop_last=self.drop_last and shuffle,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, flip=self.flip)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False, flip=False)

@@ -1,0 +1,316 @@
+"""LMDB storage of image datasets: one environment per split, described by metadata inside it.
+
+Each split of `data/lmdb/<dataset>/` is an LMDB environment (`train/`, `val/`) holding
+
+* `__meta__`: JSON metadata (`SplitMetadata`): count, image shape, dtype, encoding, label
+  names, sizes and value names, and where the data came from. It is written last, in the
+  final transaction, so an environment without it is incomplete.
+* `0000000000`, `0000000001`, ...: image `i` as raw uint8 bytes in (C, H, W) order, followed
+  by its labels as little-endian int64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from sdn.data.errors import DatasetError, DatasetNotFoundError
+
+META_KEY = b"__meta__"
+FORMAT = "sdn-lmdb-images"
+VERSION = 1
+ENCODING = "uint8 image bytes in (C, H, W) order, then int64 little-endian labels"
+_MIN_MAP_SIZE = 1 << 26
+
+
+def record_key(index: int) -> bytes:
+    """Fixed-width decimal keys keep LMDB's B-tree in index order (appends are cheap)."""
+    return b"%010d" % index
+
+
+def convert_hint(split_path: Path) -> str:
+    """The command that rebuilds a split at `data/lmdb/<dataset>/<split>`."""
+    dataset = Path(split_path).parent.name
+    return f"`dvc repro convert@{dataset}` (or `python stages/convert.py {dataset}`)"
+
+
+@dataclass(frozen=True)
+class SplitMetadata:
+    """What one split holds; stored as JSON under `__meta__` in its environment."""
+
+    dataset: str
+    split: str
+    count: int
+    shape: tuple[int, int, int]
+    label_names: tuple[str, ...] = ()
+    label_sizes: tuple[int, ...] = ()
+    label_values: dict[str, list[Any]] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_bytes(self) -> int:
+        channels, height, width = self.shape
+        return channels * height * width
+
+    @property
+    def record_bytes(self) -> int:
+        return self.image_bytes + 8 * len(self.label_names)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-ready form stored in the database (with format, dtype and encoding)."""
+        data = asdict(self)
+        data.update(
+            shape=list(self.shape), label_names=list(self.label_names), label_sizes=list(self.label_sizes)
+        )
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": "uint8",
+            "label_dtype": "int64",
+            "encoding": ENCODING,
+            **data,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> SplitMetadata:
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise DatasetError(
+                f"{where} was not written by this version of sdn (format {data.get('format')!r}, "
+                f"version {data.get('version')!r}): rebuild it with {convert_hint(Path(where))}."
+            )
+        try:
+            return cls(
+                dataset=data["dataset"],
+                split=data["split"],
+                count=int(data["count"]),
+                shape=tuple(int(d) for d in data["shape"]),
+                label_names=tuple(data["label_names"]),
+                label_sizes=tuple(data["label_sizes"]),
+                label_values=data.get("label_values", {}),
+                source=data.get("source", {}),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise DatasetError(
+                f"{where}: malformed metadata ({error!r}); rebuild it with {convert_hint(Path(where))}."
+            ) from error
+
+
+# One read-only environment per database file and process, shared by every reader: LMDB
+# refuses to open a file twice in one process, and one inherited through fork() must not be used.
+_OPEN: dict[str, tuple[int, tuple[int, int], lmdb.Environment]] = {}
+
+
+def _environment(path: Path) -> lmdb.Environment:
+    try:
+        stat = (path / "data.mdb").stat()
+    except FileNotFoundError:
+        raise DatasetNotFoundError(
+            f"{path} is not a converted dataset split: build it with {convert_hint(path)}."
+        ) from None
+    key, pid, identity = os.path.realpath(path), os.getpid(), (stat.st_dev, stat.st_ino)
+    cached = _OPEN.pop(key, None)
+    if cached is not None:
+        if cached[:2] == (pid, identity):
+            _OPEN[key] = cached
+            return cached[2]
+        cached[2].close()  # inherited from the parent (its copy stays open there), or rebuilt since
+    try:
+        # lock=False: read-only users need no lock file (works on read-only mounts, many workers).
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+    except lmdb.Error as error:
+        raise DatasetError(
+            f"{path} is not a readable LMDB database ({error}): delete it and rebuild it with "
+            f"{convert_hint(path)}."
+        ) from error
+    _OPEN[key] = (pid, identity, env)
+    return env
+
+
+def read_metadata(path: Path | str) -> SplitMetadata:
+    """The metadata of the split at `path`, after checking it matches the database."""
+    path = Path(path)
+    try:
+        with _environment(path).begin() as txn:
+            raw = txn.get(META_KEY)
+            entries = txn.stat()["entries"]
+    except lmdb.Error as error:
+        raise DatasetError(f"{path} is corrupt ({error}): rebuild it with {convert_hint(path)}.") from error
+    if raw is None:
+        raise DatasetError(
+            f"{path} has no metadata: its conversion did not finish; rebuild it with {convert_hint(path)}."
+        )
+    try:
+        meta = SplitMetadata.from_json(json.loads(raw), str(path))
+    except json.JSONDecodeError as error:
+        raise DatasetError(
+            f"{path}: unreadable metadata ({error}); rebuild it with {convert_hint(path)}."
+        ) from error
+    if entries != meta.count + 1:
+        raise DatasetError(
+            f"{path}: metadata promises {meta.count} images but the database holds {entries - 1}: "
+            f"rebuild it with {convert_hint(path)}."
+        )
+    return meta
+
+
+def write_split(
+    path: Path,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    meta: SplitMetadata,
+    *,
+    total: int | None = None,
+    map_size: int | None = None,
+) -> SplitMetadata:
+    """Write one split from `(images (B, C, H, W) uint8, labels (B, K) int64)` batches.
+
+    `meta.count` is ignored and replaced by the number of images written. The map grows (doubles)
+    whenever it fills up. Returns the metadata as stored.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if map_size is None:
+        map_size = max(_MIN_MAP_SIZE, int(1.2 * (total or 0) * (meta.record_bytes + 64)))
+    # sync off while writing (one explicit sync at the end): the caller renames only complete data.
+    env = lmdb.open(str(path), map_size=map_size, sync=False)
+    count = 0
+    try:
+        with tqdm(total=total, unit="img", desc=f"{meta.dataset}/{meta.split}", mininterval=1.0) as bar:
+            for images, labels in batches:
+                items = list(_records(images, labels, meta, count))
+                _put_growing(env, items)
+                count += len(items)
+                bar.update(len(items))
+        final = replace(meta, count=count)
+        _put_growing(env, [(META_KEY, json.dumps(final.to_json()).encode())])
+        env.sync(True)
+    finally:
+        env.close()
+    return final
+
+
+def _records(
+    images: np.ndarray, labels: np.ndarray, meta: SplitMetadata, start: int
+) -> Iterator[tuple[bytes, bytes]]:
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    labels = np.ascontiguousarray(labels, dtype="<i8")
+    if images.shape[1:] != meta.shape:
+        raise DatasetError(
+            f"{meta.dataset}/{meta.split}: image {start} has shape {images.shape[1:]}, "
+            f"expected {meta.shape} (datasets.{meta.dataset}.image_size / channels)."
+        )
+    if labels.shape != (len(images), len(meta.label_names)):
+        raise DatasetError(
+            f"{meta.dataset}/{meta.split}: labels of shape {labels.shape} for {len(images)} images, "
+            f"expected {len(meta.label_names)} per image ({', '.join(meta.label_names)})."
+        )
+    if (
+        meta.label_sizes
+        and len(labels)
+        and ((labels < 0).any() or (labels >= np.array(meta.label_sizes)).any())
+    ):
+        raise DatasetError(
+            f"{meta.dataset}/{meta.split}: a label lies outside 0..size-1 for sizes {meta.label_sizes}."
+        )
+    for i in range(len(images)):
+        yield record_key(start + i), images[i].tobytes() + labels[i].tobytes()
+
+
+def _put_growing(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for key, value in items:
+                    txn.put(key, value, append=key != META_KEY)
+            return
+        except lmdb.MapFullError:
+            # The aborted transaction left nothing behind: double the map and write the batch again.
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+class LMDBImageDataset(Dataset):
+    """One converted split, as `(image uint8 (C, H, W), labels int64 (K,))` pairs.
+
+    The environment is opened lazily, read-only, in each process that reads (fork-safe with
+    DataLoader workers) and shared with the other readers of the same split in that process.
+    An item may be an index or an `(index, flip)` pair, where `flip` asks for a horizontal flip
+    (see `EpochSampler`); `transform` is applied to the uint8 image.
+    """
+
+    def __init__(self, path: Path | str, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.path = Path(path)
+        self.meta = read_metadata(self.path)
+        self.transform = transform
+        self._env: lmdb.Environment | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return self.meta.count
+
+    def __getstate__(self) -> dict[str, Any]:
+        # An open environment must not cross a process boundary (spawn): each process opens its own.
+        return {**self.__dict__, "_env": None, "_pid": None}
+
+    def _txn(self) -> lmdb.Transaction:
+        if self._pid != os.getpid():
+            self._env = _environment(self.path)
+            self._pid = os.getpid()
+        return self._env.begin()
+
+    def __getitem__(self, item: int | tuple[int, bool]) -> tuple[Tensor, Tensor]:
+        index, flip = item if isinstance(item, tuple) else (item, False)
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images in {self.path}")
+        with self._txn() as txn:
+            value = txn.get(record_key(index))
+        if value is None or len(value) != self.meta.record_bytes:
+            found = "missing" if value is None else f"{len(value)} bytes, expected {self.meta.record_bytes}"
+            raise DatasetError(
+                f"{self.path}: record {index} is {found}: the database is corrupt or does not match "
+                f"its metadata; rebuild it with {convert_hint(self.path)}."
+            )
+        image = torch.frombuffer(bytearray(memoryview(value)[: self.meta.image_bytes]), dtype=torch.uint8)
+        image = image.view(self.meta.shape)
+        labels = torch.from_numpy(
+            np.frombuffer(value, dtype="<i8", offset=self.meta.image_bytes).astype(np.int64)
+        )
+        if flip:
+            image = image.flip(-1)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, labels
+
+
+def inspect_dataset(name: str, data_root: Path | str = "data") -> dict[str, Any]:
+    """JSON-ready summary of `data_root/lmdb/<name>`: per split its count, image shape and labels."""
+    root = Path(data_root) / "lmdb" / name
+    splits = sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
+    if not splits:
+        raise DatasetNotFoundError(
+            f"{root} holds no converted dataset: build it with `dvc repro convert@{name}` "
+            f"(or `python stages/convert.py {name}`)."
+        )
+    summary: dict[str, Any] = {"dataset": name, "path": str(root), "splits": {}}
+    for split in splits:
+        meta = read_metadata(split)
+        summary["splits"][split.name] = {
+            "count": meta.count,
+            "shape": list(meta.shape),
+            "dtype": "uint8",
+            "label_names": list(meta.label_names),
+            "label_sizes": list(meta.label_sizes),
+        }
+    return summary

@@ -1,0 +1,22 @@
+"""DVC stage `convert@<dataset>`: convert a dataset's raw files into LMDB.
+
+Writes data/lmdb/<dataset>/{train,val}/, one LMDB environment per split with its metadata;
+the folder appears only once every split is complete.
+"""
+
+import json
+
+from sdn.config import dataset_config, load_params
+from sdn.data import convert_dataset, inspect_dataset
+from sdn.pipeline import DATA, lmdb_dir, raw_dir, run_stage
+
+
+def main(name: str) -> None:
+    cfg = dataset_config(load_params(), name)
+    convert_dataset(name, cfg, raw_dir(name).parent, lmdb_dir(name).parent)
+    summary = inspect_dataset(name, DATA)
+    print(json.dumps(summary["splits"]))
+
+
+if __name__ == "__main__":
+    run_stage(main, "python stages/convert.py <dataset>")

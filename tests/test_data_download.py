@@ -1,0 +1,322 @@
+"""Downloads against a loopback HTTP server: verify, resume, refuse bad files, explain no network.
+
+Also home of the TFRecord reader's CRC and protobuf tests, and of the helpers
+(`FileServer`, `tfrecord_file`, `encode_example`) that the other data tests share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdn.data import ChecksumError, DatasetError, DatasetNotFoundError, DownloadError, convert_dataset
+from sdn.data.download import fetch
+from sdn.data.tfrecord import crc32c, crc32c_many, mask_crc, parse_example, read_records
+
+# --- a loopback file server ----------------------------------------------------------------------
+
+
+class FileServer(ThreadingHTTPServer):
+    """Serves `files` (path -> bytes) on 127.0.0.1 with HTTP Range support.
+
+    `cuts` lists, for the next responses, how many body bytes to send before hanging up;
+    `ranges=False` makes it ignore Range headers; `requests` records (path, Range header).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, bytes] = {}
+        self.cuts: list[int] = []
+        self.ranges = True
+        self.requests: list[tuple[str, str | None]] = []
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: FileServer
+
+    def do_GET(self) -> None:
+        server = self.server
+        requested = self.headers.get("Range")
+        server.requests.append((self.path, requested))
+        body = server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        if requested and server.ranges:
+            start = int(re.fullmatch(r"bytes=(\d+)-", requested).group(1))
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        payload = body[start:]
+        if server.cuts:
+            payload = payload[: server.cuts.pop(0)]
+            self.close_connection = True
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def serving() -> Iterator[FileServer]:
+    """A running `FileServer`, shut down on exit."""
+    httpd = FileServer()
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    with serving() as httpd:
+        yield httpd
+
+
+def closed_port_url(path: str) -> str:
+    """A loopback URL that refuses connections (nothing listens there)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}{path}"
+
+
+# --- TFRecord writing helpers (the format GLOW's tars hold) --------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, wire: int, payload: bytes) -> bytes:
+    key = _varint(number << 3 | wire)
+    return key + (_varint(len(payload)) + payload if wire == 2 else payload)
+
+
+def encode_example(features: dict[str, list]) -> bytes:
+    """A serialised tf.train.Example: lists of bytes, floats or ints (ints packed)."""
+    entries = b""
+    for key, values in features.items():
+        if isinstance(values[0], bytes):
+            feature = _field(1, 2, b"".join(_field(1, 2, v) for v in values))
+        elif isinstance(values[0], float):
+            feature = _field(2, 2, _field(1, 2, struct.pack(f"<{len(values)}f", *values)))
+        else:
+            packed = b"".join(_varint(v & (2**64 - 1)) for v in values)
+            feature = _field(3, 2, _field(1, 2, packed))
+        entries += _field(1, 2, _field(1, 2, key.encode()) + _field(2, 2, feature))
+    return _field(1, 2, entries)
+
+
+def tfrecord_file(records: list[bytes]) -> bytes:
+    """Records framed as in a .tfrecords file, with their masked CRCs."""
+    out = b""
+    for record in records:
+        length = struct.pack("<Q", len(record))
+        out += length + struct.pack("<I", mask_crc(crc32c(length)))
+        out += record + struct.pack("<I", mask_crc(crc32c(record)))
+    return out
+
+
+# --- downloads -----------------------------------------------------------------------------------
+
+PAYLOAD = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+MD5 = hashlib.md5(PAYLOAD).hexdigest()
+
+
+def _fetch(url: str, dest: Path, expected: str | None = MD5, algorithm: str = "md5") -> Path:
+    return fetch(
+        url,
+        dest,
+        algorithm,
+        expected,
+        rerun="python stages/download.py demo",
+        pin_key=f"datasets.demo.{algorithm}",
+        retries=3,
+        timeout=10,
+    )
+
+
+def test_download_verifies_and_is_not_repeated(server: FileServer, tmp_path: Path) -> None:
+    server.files["/a/file.bin"] = PAYLOAD
+    dest = tmp_path / "raw" / "file.bin"
+    assert _fetch(server.url("/a/file.bin"), dest) == dest
+    assert dest.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["file.bin"]
+    _fetch(server.url("/a/file.bin"), dest)  # verified copy present: no second request
+    assert len(server.requests) == 1
+
+
+def test_cut_connection_is_resumed_with_range(server: FileServer, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    server.cuts = [100_000, 50_000]
+    dest = tmp_path / "f.bin"
+    _fetch(server.url("/f.bin"), dest)
+    assert dest.read_bytes() == PAYLOAD
+    assert [r for _, r in server.requests] == [None, "bytes=100000-", "bytes=150000-"]
+
+
+def test_partial_file_from_an_earlier_run_is_resumed(server: FileServer, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    dest = tmp_path / "f.bin"
+    dest.with_name("f.bin.part").write_bytes(PAYLOAD[:123_456])
+    _fetch(server.url("/f.bin"), dest)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.requests == [("/f.bin", "bytes=123456-")]
+
+
+def test_server_without_ranges_restarts_from_zero(server: FileServer, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    server.ranges = False
+    dest = tmp_path / "f.bin"
+    dest.with_name("f.bin.part").write_bytes(b"stale bytes")
+    _fetch(server.url("/f.bin"), dest)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_truncated_download_is_refused_and_kept_for_resuming(server: FileServer, tmp_path: Path) -> None:
+    server.files["/f.bin"] = PAYLOAD
+    server.cuts = [1000, 1000, 1000]
+    dest = tmp_path / "f.bin"
+    with pytest.raises(DownloadError, match=r"stopped at 3000 of 300000 bytes after 3 attempts") as info:
+        _fetch(server.url("/f.bin"), dest)
+    assert "f.bin.part" in str(info.value) and "resume" in str(info.value)
+    assert not dest.exists()
+    assert dest.with_name("f.bin.part").stat().st_size == 3000
+    _fetch(server.url("/f.bin"), dest)  # the server recovers: the rerun completes the file
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_wrong_checksum_is_refused_and_never_converted(server: FileServer, tmp_path: Path) -> None:
+    server.files["/cifar-10-python.tar.gz"] = PAYLOAD
+    wrong = "0" * 32
+    cfg = {"image_size": 32, "channels": 3, "url": server.url("/cifar-10-python.tar.gz"), "md5": wrong}
+    from sdn.data import download_dataset
+
+    with pytest.raises(ChecksumError) as info:
+        download_dataset("cifar10", cfg, tmp_path / "raw")
+    message = str(info.value)
+    assert "cifar-10-python.tar.gz.unverified" in message
+    assert f"expected md5 {wrong}" in message and f"got {MD5}" in message
+    assert not (tmp_path / "raw" / "cifar10" / "cifar-10-python.tar.gz").exists()
+    with pytest.raises(DatasetNotFoundError, match="download@cifar10"):
+        convert_dataset("cifar10", cfg, tmp_path / "raw", tmp_path / "lmdb")
+    assert not (tmp_path / "lmdb" / "cifar10").exists()
+
+
+def test_hand_placed_file_with_wrong_checksum_is_refused(tmp_path: Path) -> None:
+    dest = tmp_path / "f.bin"
+    dest.write_bytes(PAYLOAD[:-1])
+    with pytest.raises(ChecksumError, match=rf"checksum mismatch for {re.escape(str(dest))}: expected md5"):
+        _fetch(closed_port_url("/f.bin"), dest)
+
+
+def test_missing_checksum_must_be_pinned(server: FileServer, tmp_path: Path) -> None:
+    server.files["/f.tar"] = PAYLOAD
+    dest = tmp_path / "f.tar"
+    sha256 = hashlib.sha256(PAYLOAD).hexdigest()
+    with pytest.raises(
+        ChecksumError, match=rf"datasets.demo.sha256 is not set.*{sha256}.*`sha256: {sha256}`"
+    ):
+        _fetch(server.url("/f.tar"), dest, expected=None, algorithm="sha256")
+    assert not dest.exists()
+    _fetch(server.url("/f.tar"), dest, expected=sha256, algorithm="sha256")  # pinned: no new download
+    assert dest.read_bytes() == PAYLOAD and len(server.requests) == 1
+
+
+def test_no_network_says_where_to_put_the_file(tmp_path: Path) -> None:
+    dest = tmp_path / "raw" / "f.bin"
+    with pytest.raises(DownloadError, match=r"cannot reach .*put it at .*f\.bin and rerun") as info:
+        _fetch(closed_port_url("/f.bin"), dest)
+    assert MD5 in str(info.value)
+    dest.write_bytes(PAYLOAD)  # put there by hand: verified, no network needed
+    assert _fetch(closed_port_url("/f.bin"), dest) == dest
+
+
+def test_http_error_is_reported(server: FileServer, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        _fetch(server.url("/missing.bin"), tmp_path / "missing.bin")
+
+
+# --- TFRecords -----------------------------------------------------------------------------------
+
+
+def _crc32c_reference(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_crc32c_known_values_and_reference() -> None:
+    # RFC 3720 (iSCSI) test vectors and the usual check value.
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(bytes(32)) == 0x8A9136AA
+    assert crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert crc32c(bytes(range(32))) == 0x46DD794E
+    rng = np.random.default_rng(1)
+    buffer = rng.integers(0, 256, 5000, dtype=np.uint8)
+    for length in (1, 2, 63, 64, 65, 1000):
+        offsets = np.array([0, 7, 4000 - length])
+        expected = [_crc32c_reference(buffer[o : o + length].tobytes()) for o in offsets]
+        assert crc32c_many(buffer, offsets, length).tolist() == expected
+
+
+def test_read_records_checks_crcs() -> None:
+    records = [encode_example({"data": [bytes([i]) * (10 + i)]}) for i in range(5)]
+    data = tfrecord_file(records)
+    assert read_records(data, "f") == records
+    corrupt = bytearray(data)
+    corrupt[40] ^= 1
+    with pytest.raises(DatasetError, match="f: .*CRC mismatch.*corrupt"):
+        read_records(bytes(corrupt), "f")
+    with pytest.raises(DatasetError, match="truncated"):
+        read_records(data[:-3], "f")
+
+
+def test_parse_example_packed_unpacked_and_negative() -> None:
+    record = encode_example({"shape": [32, 32, 3], "data": [b"ab", b"c"], "x": [0.5, -2.0], "neg": [-3]})
+    assert parse_example(record) == {
+        "shape": [32, 32, 3],
+        "data": [b"ab", b"c"],
+        "x": [0.5, -2.0],
+        "neg": [-3],
+    }
+    # int64_list written unpacked (one varint field per value) parses the same
+    unpacked = _field(3, 2, _field(1, 0, _varint(7)) + _field(1, 0, _varint(9)))
+    entry = _field(1, 2, _field(1, 2, b"label") + _field(2, 2, unpacked))
+    assert parse_example(_field(1, 2, entry)) == {"label": [7, 9]}
+    with pytest.raises(DatasetError, match="malformed"):
+        parse_example(b"\x0a\xff")
