@@ -7,6 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
+# stages run `python`: the project's interpreter must come first on PATH
+export PATH := $(abspath $(BIN)):$(PATH)
 DVC := $(BIN)/dvc
 
 DEFAULT_DATASETS := photos32 sprites

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from sdn.config import ConfigError
+    from sdn.data import DataError
 
     try:
         if args.command == "info":
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             from sdn.data import inspect_dataset
 
             result = inspect_dataset(args.dataset, args.data_root)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

@@ -86,7 +86,6 @@ class TrainConfig:
     val_every_steps: int = 500
     val_batches: int | None = None
     ckpt_every_steps: int = 500
-    flip: bool = False
     init: str = "orthogonal"
     weight_norm: bool = True
 
@@ -98,6 +97,7 @@ class EvaluateConfig:
     chunk_size: int = 1024
     max_images: int | None = None
     disentanglement_points: int = 5000
+    dci_points: int = 2000
 
 
 @dataclass
@@ -126,6 +126,7 @@ class ExperimentConfig:
     sample: SampleConfig
     reported: dict[str, float] = field(default_factory=dict)
     baseline: str | None = None
+    flip: bool = False  # random horizontal flips of training images, from datasets.<name>.flip
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,10 +240,10 @@ def _check_disentanglement(cfg: DisentanglementConfig, where: str) -> None:
         _require(cfg.sdn_num_dirs >= 1, f"{where}.sdn_num_dirs", "SDN layers need at least 1 direction.")
 
 
-def _dataset_shape(params: dict[str, Any], dataset: str, where: str) -> tuple[int, int]:
+def _dataset_shape(params: dict[str, Any], dataset: str, where: str) -> tuple[int, int, bool]:
     cfg = dataset_config(params, dataset)
     try:
-        return int(cfg["image_size"]), int(cfg["channels"])
+        return int(cfg["image_size"]), int(cfg["channels"]), bool(cfg.get("flip", False))
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"datasets.{dataset}: needs integer 'image_size' and 'channels' (used by {where}).") from err
 
@@ -268,8 +269,9 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     dataset = raw["dataset"]
     _require(isinstance(dataset, str), f"{where}.dataset", "expected a dataset name.")
     _require(isinstance(raw["seed"], int) and not isinstance(raw["seed"], bool), f"{where}.seed", "expected an integer.")
-    image_size, channels = _dataset_shape(params, dataset, where)
+    image_size, channels, flip = _dataset_shape(params, dataset, where)
 
+    _require(isinstance(raw["model"], dict | None), f"{where}.model", "expected a mapping of hyper-parameters.")
     model_raw = dict(raw["model"] or {})
     kind = model_raw.pop("kind", None)
     _require(kind in MODEL_KINDS, f"{where}.model.kind", f"expected one of {', '.join(MODEL_KINDS)}, got {kind!r}.")
@@ -307,7 +309,7 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
         _require(baseline in experiments, f"{where}.baseline", f"no experiment named {baseline!r}.")
     return ExperimentConfig(
         name=name, dataset=dataset, seed=raw["seed"], model=model, kind=kind, trainer=trainer,
-        train=train, evaluate=evaluate, sample=sample, reported=reported, baseline=baseline,
+        train=train, evaluate=evaluate, sample=sample, reported=reported, baseline=baseline, flip=flip,
     )
 
 

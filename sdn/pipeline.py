@@ -26,15 +26,19 @@ def metrics_dir(experiment: str) -> Path:
     return METRICS / experiment
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
 def run_stage(main: Callable[[str], None], usage: str) -> None:
     """Run `main(name)` with the single command-line argument; known failures exit with a
     one-paragraph message instead of a traceback."""
     from sdn.config import ConfigError
-    from sdn.training import NonFiniteLossError
+    from sdn.data import DataError
 
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
         sys.exit(f"usage: {usage}")
     try:
         main(sys.argv[1])
-    except (ConfigError, FileNotFoundError, NonFiniteLossError) as err:
+    except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError) as err:
         sys.exit(f"error: {err}")

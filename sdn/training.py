@@ -26,12 +26,9 @@ from torch.utils.data import Sampler
 
 from sdn.config import ExperimentConfig, TrainConfig, build_model
 from sdn.models.disentanglement import beta_schedule
+from sdn.pipeline import NonFiniteLossError
 
 LAST_CHECKPOINT = "last.ckpt"
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +109,9 @@ class StepBatchSampler(Sampler[list[int]]):
             yield order[first : first + self.batch_size].tolist()
 
     def __len__(self) -> int:
-        return max(0, self.total - self.start)
+        # The whole run: on resume Lightning restores its batch index to `start` and ends the
+        # epoch at this length, so `total - start` would end it early and repeat batches.
+        return self.total
 
 
 class ShardSampler(Sampler[int]):
@@ -205,7 +204,7 @@ class VAEModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if self.cfg.train.flip:
+        if self.cfg.flip:
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
         out = self.model(self.model.obs.preprocess(images))

@@ -56,7 +56,12 @@ def evaluate_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, o
         model.elbo, _batches(model, data, ev.batch_size, ev.max_images),
         num_samples=ev.iw_samples, chunk_size=ev.chunk_size, dims_per_image=model.dims_per_image,
     )
-    metrics["seconds"] = time.perf_counter() - started
+    # evaluate_density's `elbo_bpd` is −ELBO in bits/dim; name it for what it is
+    metrics["neg_elbo_bpd"] = metrics.pop("elbo_bpd")
+    metrics["neg_elbo_bpd_stderr"] = metrics.pop("elbo_bpd_stderr")
+    # wall time is printed, not stored: the metrics file must be identical across reruns
+    print(f"[sdn] {cfg.name}: evaluated {metrics['num_images']} images x {ev.iw_samples} samples "
+          f"in {time.perf_counter() - started:.1f} s")
     if cfg.kind == "disentanglement":
         metrics.update(disentanglement_scores(cfg, model, lmdb_dir))
     metrics = _rounded(metrics)
@@ -81,7 +86,7 @@ def disentanglement_scores(cfg: ExperimentConfig, model, lmdb_dir: Path) -> dict
     codes_np = np.concatenate(codes).astype(np.float64)
     factors_np = np.concatenate(factors).astype(np.int64)
     seed = cfg.seed
-    dci = metrics.dci(codes_np, factors_np, seed=seed)
+    dci = metrics.dci(codes_np, factors_np, max_points=cfg.evaluate.dci_points, seed=seed)
     return {
         "beta_vae": metrics.beta_vae(codes_np, factors_np, seed=seed),
         "factor_vae": metrics.factor_vae(codes_np, factors_np, seed=seed),
