@@ -67,7 +67,7 @@ class TrainerConfig:
     devices: int | str = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32-true"
+    precision: int | str = "32-true"
     num_workers: int = 0
     deterministic: bool = True
     log_every_n_steps: int = 10
@@ -168,6 +168,8 @@ def build_section(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) 
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
     for key in data:
+        if key in skip:
+            raise ConfigError(f"{where}.{key}: set by the dataset, not here (datasets.<name>.{key}).")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(names)}."
@@ -230,7 +232,8 @@ def _check_density(cfg: DensityConfig, where: str) -> None:
 def _check_disentanglement(cfg: DisentanglementConfig, where: str) -> None:
     _choice(cfg.obs_model, OBSERVATIONS, f"{where}.obs_model")
     _require(cfg.image_size == 64, f"{where}.image_size", "the β-VAE is built for 64x64 images.")
-    _require(cfg.z_size >= 1, f"{where}.z_size", "must be at least 1.")
+    for key in ("z_size", "mix_components"):
+        _require(getattr(cfg, key) >= 1, f"{where}.{key}", f"must be at least 1, got {getattr(cfg, key)}.")
     _require(1 <= cfg.nbits <= 8, f"{where}.nbits", f"must be between 1 and 8, got {cfg.nbits}.")
     _require(0 <= cfg.sdn_num_dirs <= 4, f"{where}.sdn_num_dirs", f"a direction count is 0 to 4, got {cfg.sdn_num_dirs}.")
     _require(cfg.beta_final >= 0, f"{where}.beta_final", "must be non-negative.")
@@ -242,10 +245,17 @@ def _check_disentanglement(cfg: DisentanglementConfig, where: str) -> None:
 
 def _dataset_shape(params: dict[str, Any], dataset: str, where: str) -> tuple[int, int, bool]:
     cfg = dataset_config(params, dataset)
-    try:
-        return int(cfg["image_size"]), int(cfg["channels"]), bool(cfg.get("flip", False))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"datasets.{dataset}: needs integer 'image_size' and 'channels' (used by {where}).") from err
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"datasets.{dataset}: expected a mapping (used by {where}).")
+    for key in ("image_size", "channels"):
+        value = cfg.get(key)
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            f"datasets.{dataset}.{key}", f"expected a positive integer, got {value!r} (used by {where}).",
+        )
+    flip = cfg.get("flip", False)
+    _require(isinstance(flip, bool), f"datasets.{dataset}.flip", f"expected true or false, got {flip!r}.")
+    return cfg["image_size"], cfg["channels"], flip
 
 
 def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:

@@ -59,6 +59,7 @@ def evaluate_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, o
     # evaluate_density's `elbo_bpd` is −ELBO in bits/dim; name it for what it is
     metrics["neg_elbo_bpd"] = metrics.pop("elbo_bpd")
     metrics["neg_elbo_bpd_stderr"] = metrics.pop("elbo_bpd_stderr")
+    metrics["parameters"] = sum(p.numel() for p in model.parameters())
     # wall time is printed, not stored: the metrics file must be identical across reruns
     print(f"[sdn] {cfg.name}: evaluated {metrics['num_images']} images x {ev.iw_samples} samples "
           f"in {time.perf_counter() - started:.1f} s")

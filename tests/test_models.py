@@ -1,0 +1,826 @@
+"""SDN-VAE and SDN β-VAE (SDN_SPEC.md sections 2-4): structure against the spec, the objective,
+sampling, overfitting one batch, EMA through a real Lightning Trainer, and `python -m sdn info`."""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader, TensorDataset
+
+from sdn.__main__ import main as sdn_main
+from sdn.config import TrainConfig, build_model, experiment_config, load_params
+from sdn.layers import ResSDNLayer, SDNLayer
+from sdn.models.configs import DensityConfig, DisentanglementConfig
+from sdn.models.density import DensityVAE, bits_per_dim
+from sdn.models.disentanglement import DisentanglementVAE, beta_schedule
+from sdn.probability import MaskedConv2d
+from sdn.training import StepBatchSampler, VAEModule, count_parameters, prepare_model
+
+REPO = Path(__file__).resolve().parents[1]
+CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+PARAMS = load_params(REPO / "params.yaml")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models run fastest on one thread, and the test machine's cores are shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+def density_config(**overrides) -> DensityConfig:
+    base = dict(
+        image_size=8, channels=3, z_size=2, h_size=8, depth=3, ds_list=[1], downsample_first=False,
+        sdn_max_scale=8, sdn_min_scale=0, sdn_nfeat_0=6, sdn_nfeat_diff=0, sdn_num_dirs=1,
+        post_model="IsoGaussian", prior_model="IsoGaussian", obs_model="DML", mix_components=2,
+        nbits=8, free_bits=0.01,
+    )
+    return DensityConfig(**{**base, **overrides})
+
+
+NO_SDN = dict(sdn_max_scale=0, sdn_nfeat_0=0, sdn_num_dirs=0)
+DENSITY_FAMILIES = {
+    "iaf-dml-sdn": dict(post_model="IAF", sdn_num_dirs=2),
+    "iaf-dml-cnn": dict(post_model="IAF", **NO_SDN),
+    "isogaussian-dl-sdn": dict(obs_model="DL"),
+    "isogaussian-dl-cnn": dict(obs_model="DL", **NO_SDN),
+    "bernoulli-28x28-padded": dict(image_size=28, channels=1, obs_model="Bernoulli", ds_list=[0, 1]),
+    "downsample-first": dict(post_model="IAF", downsample_first=True, depth=2),
+    "downsample-first-cnn": dict(downsample_first=True, depth=2, obs_model="DL", **NO_SDN),
+    # 16 (conv, downsamples) -> 8 (SDN, F 54) -> 4 (SDN, F 51) -> 2 (SDN, F max(50, 48) = 50)
+    "feature-reduction": dict(image_size=16, depth=4, ds_list=[0, 1, 2], sdn_nfeat_0=54, sdn_nfeat_diff=3),
+}
+
+
+def beta_vae_config(**overrides) -> DisentanglementConfig:
+    base = dict(z_size=3, sdn_max_scale=0, sdn_min_scale=0, sdn_nfeat_0=4, sdn_num_dirs=1, obs_model="DL")
+    return DisentanglementConfig(**{**base, **overrides})
+
+
+BETA_VAE_FAMILIES = {
+    "sdn-at-8": dict(sdn_min_scale=8, sdn_max_scale=8),
+    "sdn-at-16": dict(sdn_min_scale=16, sdn_max_scale=16),
+    "sdn-at-32": dict(sdn_min_scale=32, sdn_max_scale=32),
+    "sdn-at-64": dict(sdn_min_scale=64, sdn_max_scale=64),
+    "sdn-everywhere": dict(sdn_min_scale=0, sdn_max_scale=64, sdn_num_dirs=2),
+    "conv-only": dict(sdn_num_dirs=0, sdn_nfeat_0=0),
+    "conv-only-dml": dict(sdn_num_dirs=0, sdn_nfeat_0=0, obs_model="DML", mix_components=2),
+}
+
+
+def images_for(cfg, batch: int = 2) -> Tensor:
+    return torch.randint(0, 256, (batch, cfg.channels, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+
+
+def structured_images(batch: int, size: int) -> Tensor:
+    """A few images a small model can memorise: one colour each, darkening left to right."""
+    colours = torch.randint(0, 256, (batch, 3, 1, 1), generator=torch.Generator().manual_seed(0)).float()
+    ramp = torch.linspace(0.5, 1.0, size).view(1, 1, 1, size)
+    return (colours * ramp).round().to(torch.uint8).expand(batch, 3, size, size).contiguous()
+
+
+def build_density(name: str) -> DensityVAE:
+    return prepare_model(DensityVAE(density_config(**DENSITY_FAMILIES[name])), TrainConfig())
+
+
+def build_beta_vae(name: str) -> DisentanglementVAE:
+    return prepare_model(DisentanglementVAE(beta_vae_config(**BETA_VAE_FAMILIES[name])), TrainConfig())
+
+
+def assert_on_data_grid(model: nn.Module, x: Tensor) -> None:
+    """`x` is an image the observation model could have produced from uint8 pixels."""
+    pixels = (model.obs.postprocess(x) * 255).round().to(torch.uint8)
+    assert torch.equal(model.obs.preprocess(pixels), x)
+
+
+def snapshot(module: nn.Module) -> list[Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec, written out independently: layer plan and parameter count
+
+
+def spec_plan(cfg: DensityConfig) -> tuple[list[dict], list[int] | None]:
+    """SDN_SPEC.md section 2, per ladder layer: scale, downsampling, SDN use, F, directions;
+    and the last layer's directions. Scales are the real map sizes (28x28 maps are padded to 32)."""
+    counter = 0
+
+    def take(n: int) -> list[int]:
+        nonlocal counter
+        dirs = [(counter + i) % 4 for i in range(n)]
+        counter = (counter + n) % 4
+        return dirs
+
+    padding = 4 if cfg.image_size == 28 else 0
+    scale = (cfg.image_size // 2 if cfg.downsample_first else cfg.image_size) + padding
+    features = cfg.sdn_nfeat_0
+    layers = []
+    for i in range(cfg.depth):
+        downsample = i in cfg.ds_list and scale > 1
+        sdn = cfg.sdn_min_scale <= scale <= cfg.sdn_max_scale
+        layers.append({
+            "index": i, "scale": scale, "downsample": downsample, "sdn": sdn,
+            "sdn_features": features if sdn else None,
+            "directions": [take(cfg.sdn_num_dirs), take(cfg.sdn_num_dirs)] if sdn else None,
+        })
+        if downsample:
+            scale = max(1, scale // 2)
+            if sdn:
+                features = max(50, features - cfg.sdn_nfeat_diff)
+    last = take(4) if cfg.sdn_max_scale >= cfg.image_size else None
+    return layers, last
+
+
+def conv_count(cin: int, cout: int, k: int, transposed: bool = False) -> int:
+    """Weight, bias and the weight-norm gains (one per slice along dim 0 of the weight)."""
+    return cin * cout * k * k + cout + (cin if transposed else cout)
+
+
+def sdn_count(cin: int, cout: int, features: int, dirs: int, k: int, transposed: bool = False) -> int:
+    gru = 3 * features * 3 * features + 3 * features * features + 6 * features  # GRUCell(3F, F)
+    return conv_count(cin, features, k, transposed) + dirs * gru + conv_count(features, cout, 1)
+
+
+def res_sdn_count(cin: int, cout: int, features: int, dirs: int, k: int, transposed: bool = False) -> int:
+    return sdn_count(cin, 2 * cout, features, dirs, k, transposed) + conv_count(cin, cout, k, transposed)
+
+
+def observation_sizes(obs_model: str, channels: int, mix: int) -> tuple[int, int]:
+    """(decoder output channels, learned parameters of the observation model)."""
+    if obs_model == "DML":
+        return mix + (3 if channels == 3 else 2) * channels * mix, 0
+    return channels, int(obs_model == "DL")  # DL learns one global log-scale
+
+
+def density_count(cfg: DensityConfig) -> int:
+    h, z, c = cfg.h_size, cfg.z_size, cfg.channels
+    context = max(100 // z, 1) * z
+    q_size = 2 * z + (context if cfg.post_model == "IAF" else 0)
+    iaf = conv_count(z, context, 3) + conv_count(context, context, 3) + conv_count(context, 2 * z, 3)
+    out_channels, obs_learned = observation_sizes(cfg.obs_model, c, cfg.mix_components)
+    k_first = 4 if cfg.downsample_first else 3
+    total = conv_count(c, h, k_first) + h + obs_learned
+    layers, last = spec_plan(cfg)
+    for layer in layers:
+        k = 4 if layer["downsample"] else 3
+        total += conv_count(h, h + q_size, k) + conv_count(h, 2 * h, 3)
+        total += iaf if cfg.post_model == "IAF" else 0
+        if layer["sdn"]:
+            f, n = layer["sdn_features"], cfg.sdn_num_dirs
+            total += res_sdn_count(h, h + q_size + 2 * z, f, n, 3)
+            total += res_sdn_count(h + z, 2 * h, f, n, k, transposed=layer["downsample"])
+        else:
+            total += conv_count(h, h + q_size + 2 * z, 3) + conv_count(h + z, 2 * h, k, layer["downsample"])
+    if last is not None:
+        total += res_sdn_count(h, out_channels, cfg.sdn_nfeat_0, 4, k_first, cfg.downsample_first)
+    else:
+        total += conv_count(h, out_channels, k_first, cfg.downsample_first)
+    return total
+
+
+def beta_vae_count(cfg: DisentanglementConfig) -> int:
+    z = cfg.z_size
+    out_channels, obs_learned = observation_sizes(cfg.obs_model, cfg.channels, cfg.mix_components)
+    encoder = (conv_count(cfg.channels, 32, 4) + conv_count(32, 32, 4) + conv_count(32, 64, 4)
+               + conv_count(64, 64, 4) + 1024 * 2 * z + 2 * z)
+    decoder = z * 256 + 256 + 256 * 1024 + 1024
+    for cin, cout, scale in ((64, 64, 8), (64, 32, 16), (32, 32, 32), (32, out_channels, 64)):
+        if cfg.sdn_min_scale <= scale <= cfg.sdn_max_scale:
+            decoder += sdn_count(cin, cout, cfg.sdn_nfeat_0, cfg.sdn_num_dirs, 4, transposed=True)
+        else:
+            decoder += conv_count(cin, cout, 4, transposed=True)
+    return encoder + decoder + obs_learned
+
+
+# ---------------------------------------------------------------------------------------------
+# Density model: structure
+
+
+@pytest.mark.parametrize("name", DENSITY_FAMILIES)
+def test_density_plan_and_parameters_follow_the_spec(name):
+    cfg = density_config(**DENSITY_FAMILIES[name])
+    model = prepare_model(DensityVAE(cfg), TrainConfig())
+    layers, last = spec_plan(cfg)
+    described = model.describe()
+    assert described["ladder"] == layers
+    assert described["last_layer"]["sdn"] == (last is not None)
+    assert described["last_layer"].get("directions") == last
+    assert count_parameters(model) == density_count(cfg)
+
+
+@pytest.mark.parametrize("name", DENSITY_FAMILIES)
+def test_density_modules_match_the_plan(name):
+    model = build_density(name)
+    for layer, plan in zip(model.ladder, model.describe()["ladder"], strict=True):
+        if plan["sdn"]:
+            assert isinstance(layer.down_a, ResSDNLayer) and isinstance(layer.down_b, ResSDNLayer)
+            for half, dirs in zip((layer.down_a, layer.down_b), plan["directions"], strict=True):
+                assert [c.direction for c in half.sdn.corrections] == dirs
+                assert half.sdn.project_in.out_channels == plan["sdn_features"]
+            upsampling_in = layer.down_b.sdn.project_in
+        else:
+            assert isinstance(layer.down_a, nn.Conv2d) and not isinstance(layer.down_b, ResSDNLayer)
+            upsampling_in = layer.down_b
+        assert isinstance(upsampling_in, nn.ConvTranspose2d) == plan["downsample"]
+
+
+def test_direction_cycle_on_a_concrete_case():
+    # 3 directions per sweep set: the counter wraps inside and across layers, then the last layer
+    cfg = density_config(depth=3, ds_list=[], sdn_num_dirs=3)
+    described = DensityVAE(cfg).describe()
+    assert [layer["directions"] for layer in described["ladder"]] == [
+        [[0, 1, 2], [3, 0, 1]], [[2, 3, 0], [1, 2, 3]], [[0, 1, 2], [3, 0, 1]],
+    ]
+    assert described["last_layer"]["directions"] == [2, 3, 0, 1]
+
+
+def test_layers_outside_the_sdn_range_take_no_directions():
+    # 8x8 images, SDN only at scale <= 4: layer 0 (8x8) is a conv, the last layer too
+    cfg = density_config(depth=3, ds_list=[0], sdn_max_scale=4)
+    described = DensityVAE(cfg).describe()
+    assert [layer["sdn"] for layer in described["ladder"]] == [False, True, True]
+    assert [layer["directions"] for layer in described["ladder"]] == [None, [[0], [1]], [[2], [3]]]
+    assert described["last_layer"] == {"sdn": False}
+
+
+def test_feature_reduction_only_after_downsampling_sdn_layers():
+    described = DensityVAE(density_config(**DENSITY_FAMILIES["feature-reduction"])).describe()
+    assert [layer["scale"] for layer in described["ladder"]] == [16, 8, 4, 2]
+    assert [layer["sdn_features"] for layer in described["ladder"]] == [None, 54, 51, 50]
+
+
+def test_28x28_images_are_padded_to_32():
+    model = build_density("bernoulli-28x28-padded")
+    assert [layer["scale"] for layer in model.describe()["ladder"]] == [32, 16, 8]
+    x = model.obs.preprocess(images_for(model.cfg))
+    assert [tuple(z.shape[2:]) for z in model.encode(x)] == [(8, 8), (8, 8), (16, 16)]
+    assert model.sample(2, 1.0).shape == (2, 1, 28, 28)
+
+
+# ---------------------------------------------------------------------------------------------
+# Density model: forward, backward, sampling, decoding, encoding
+
+
+@pytest.mark.parametrize("name", DENSITY_FAMILIES)
+def test_density_forward_backward(name):
+    model = build_density(name)
+    cfg = model.cfg
+    x = model.obs.preprocess(images_for(cfg, batch=3))
+    out = model(x)
+    assert set(out) == {"log_px", "kl", "kl_layers", "kl_obj", "elbo", "loss", "z"}
+    for key in ("log_px", "kl", "kl_obj", "elbo", "loss"):
+        assert out[key].shape == (3,) and torch.isfinite(out[key]).all(), key
+    assert len(out["kl_layers"]) == len(out["z"]) == cfg.depth
+    # latents top layer first, each at its layer's map size after downsampling
+    plans = model.describe()["ladder"][::-1]
+    sizes = [p["scale"] // 2 if p["downsample"] else p["scale"] for p in plans]
+    assert [tuple(z.shape) for z in out["z"]] == [(3, cfg.z_size, s, s) for s in sizes]
+
+    out["loss"].mean().backward()
+    top_up_b = f"ladder.{cfg.depth - 1}.up_b."
+    for param_name, param in model.named_parameters():
+        if param_name.startswith(top_up_b):
+            # The top layer's bottom-up output is never used (as released): no gradient.
+            assert param.grad is None, param_name
+        else:
+            assert param.grad is not None, param_name
+            assert torch.isfinite(param.grad).all(), param_name
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", DENSITY_FAMILIES)
+def test_density_sample_decode_encode(name):
+    model = build_density(name)
+    cfg = model.cfg
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    sample = model.sample(3, temperature=0.8)
+    assert sample.shape == (3, *shape)
+    assert_on_data_grid(model, sample)
+
+    x = model.obs.preprocess(images_for(cfg, batch=2))
+    latents = model.encode(x)
+    assert len(latents) == cfg.depth and all(z.shape[0] == 2 for z in latents)
+    decoded = model.decode(latents)
+    assert decoded.shape == (2, *shape)
+    assert_on_data_grid(model, decoded)
+    # with every latent given, the temperature has nothing left to draw
+    assert torch.equal(model.decode(latents, temperature=1.0), decoded)
+    drawn = model.decode(latents, sample_pixels=True)
+    assert drawn.shape == (2, *shape)
+    assert_on_data_grid(model, drawn)
+
+
+def record_latents(model: DensityVAE, monkeypatch) -> list[Tensor]:
+    """Make each ladder layer's `down` report the latent it used (top layer first)."""
+    used = []
+    for layer in reversed(model.ladder):
+        down = layer.down
+
+        def recording(*args, _down=down, **kwargs):
+            result = _down(*args, **kwargs)
+            used.append(result[1])
+            return result
+
+        monkeypatch.setattr(layer, "down", recording)
+    return used
+
+
+def test_decode_from_partially_given_latents(monkeypatch):
+    model = build_density("iaf-dml-sdn")
+    latents = model.encode(model.obs.preprocess(images_for(model.cfg)))
+    used = record_latents(model, monkeypatch)
+    given = [latents[0], None, latents[2]]
+
+    torch.manual_seed(1)
+    first = model.decode(given, temperature=0.0)
+    first_used = list(used)
+    used.clear()
+    torch.manual_seed(2)
+    second = model.decode(given, temperature=0.0)
+    assert torch.equal(first, second)
+    assert torch.equal(first_used[0], latents[0]) and torch.equal(first_used[2], latents[2])
+    assert torch.equal(first_used[1], used[1])  # the prior mean at temperature 0
+
+    used.clear()
+    model.decode(given, temperature=1.0)
+    assert torch.equal(used[0], latents[0]) and torch.equal(used[2], latents[2])
+    assert not torch.equal(used[1], first_used[1])  # drawn
+
+    used.clear()
+    model.decode(latents[:1], temperature=0.0)  # a short list: the rest from the prior
+    assert len(used) == 3 and torch.equal(used[0], latents[0])
+    assert torch.equal(used[1], first_used[1])
+
+
+def test_decode_needs_a_batch_size_without_latents():
+    model = DensityVAE(density_config())
+    with pytest.raises(ValueError, match="batch"):
+        model.decode([None, None, None])
+    assert model.decode([None, None, None], batch=2).shape == (2, 3, 8, 8)
+
+
+def test_wrong_image_shape_is_a_clear_error():
+    model = DensityVAE(density_config())
+    with pytest.raises(ValueError, match=r"\(B, 3, 8, 8\)"):
+        model(torch.zeros(2, 3, 16, 16))
+    beta_vae = DisentanglementVAE(beta_vae_config())
+    with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\)"):
+        beta_vae(torch.zeros(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["iaf-dml-sdn", "isogaussian-dl-cnn", "bernoulli-28x28-padded"])
+def test_density_sampling_at_temperature_zero_is_deterministic(name):
+    model = build_density(name)
+    torch.manual_seed(1)
+    first = model.sample(3, temperature=0.0)
+    torch.manual_seed(2)
+    assert torch.equal(model.sample(3, temperature=0.0), first)
+    # the same seeds do give different draws at temperature 1
+    torch.manual_seed(1)
+    one = model.decode([], temperature=1.0, batch=3, sample_pixels=True)
+    torch.manual_seed(2)
+    assert not torch.equal(model.decode([], temperature=1.0, batch=3, sample_pixels=True), one)
+
+
+# ---------------------------------------------------------------------------------------------
+# Density model: the objective
+
+
+def test_free_bits_objective_is_the_spec_formula_per_layer():
+    cfg = density_config(post_model="IAF", depth=4, ds_list=[1, 2])
+    model = DensityVAE(cfg)
+    x = model.obs.preprocess(images_for(cfg, batch=5))
+    torch.manual_seed(3)
+    means = [kl.mean().item() for kl in model(x)["kl_layers"]]
+    cfg.free_bits = (min(means) + max(means)) / 2  # some layers lifted, some not
+    assert min(means) < cfg.free_bits < max(means)
+
+    torch.manual_seed(3)
+    out = model(x)
+    expected = sum(
+        kl + (max(kl.mean().item(), cfg.free_bits) - kl.mean().item()) / kl.shape[0]
+        for kl in out["kl_layers"]
+    )
+    torch.testing.assert_close(out["kl_obj"], expected)
+    torch.testing.assert_close(out["kl"], torch.stack(out["kl_layers"]).sum(0))
+    torch.testing.assert_close(out["elbo"], out["log_px"] - out["kl"])
+    torch.testing.assert_close(out["loss"], -(out["log_px"] - out["kl_obj"]))
+    assert not torch.allclose(out["kl_obj"], out["kl"])
+
+
+def test_free_bits_zero_leaves_the_kl_unchanged():
+    model = DensityVAE(density_config(free_bits=0.0))
+    out = model(model.obs.preprocess(images_for(model.cfg, batch=4)))
+    assert all(kl.mean() > 0 for kl in out["kl_layers"])
+    torch.testing.assert_close(out["kl_obj"], out["kl"])
+
+
+def test_bits_per_dim():
+    assert bits_per_dim(3 * 8 * 8 * math.log(2.0) * 2.5, 3 * 8 * 8) == pytest.approx(2.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# β-VAE
+
+
+@pytest.mark.parametrize("name", BETA_VAE_FAMILIES)
+def test_beta_vae_structure_follows_the_spec(name):
+    cfg = beta_vae_config(**BETA_VAE_FAMILIES[name])
+    model = prepare_model(DisentanglementVAE(cfg), TrainConfig())
+    assert count_parameters(model) == beta_vae_count(cfg)
+    stages = model.describe()["decoder_stages"]
+    assert [stage["scale"] for stage in stages] == [8, 16, 32, 64]
+    expected_sdn = [cfg.sdn_min_scale <= s <= cfg.sdn_max_scale for s in (8, 16, 32, 64)]
+    assert [stage["sdn"] for stage in stages] == expected_sdn
+    upsamplers = [m for m in model.decoder if isinstance(m, (SDNLayer, nn.ConvTranspose2d))]
+    assert [isinstance(m, SDNLayer) for m in upsamplers] == expected_sdn
+    counter = 0
+    for stage, layer in zip(stages, upsamplers, strict=True):
+        if stage["sdn"]:
+            dirs = [(counter + i) % 4 for i in range(cfg.sdn_num_dirs)]
+            counter = (counter + cfg.sdn_num_dirs) % 4
+            assert stage["directions"] == [c.direction for c in layer.corrections] == dirs
+            assert stage["sdn_features"] == cfg.sdn_nfeat_0
+
+
+def test_beta_vae_directions_cycle_across_stages():
+    stages = DisentanglementVAE(beta_vae_config(**BETA_VAE_FAMILIES["sdn-everywhere"])).describe()
+    assert [s["directions"] for s in stages["decoder_stages"]] == [[0, 1], [2, 3], [0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("name", BETA_VAE_FAMILIES)
+def test_beta_vae_forward_backward_sample_decode_encode(name):
+    model = build_beta_vae(name)
+    cfg = model.cfg
+    x = model.obs.preprocess(images_for(cfg, batch=2))
+    out = model(x)
+    assert set(out) == {"log_px", "kl", "elbo", "z"}
+    assert out["z"].shape == (2, cfg.z_size)
+    for key in ("log_px", "kl", "elbo"):
+        assert out[key].shape == (2,) and torch.isfinite(out[key]).all(), key
+    torch.testing.assert_close(out["elbo"], out["log_px"] - out["kl"])
+    torch.testing.assert_close(model.loss(out, 0.25), -(out["log_px"] - 0.25 * out["kl"]))
+    model.loss(out, 0.5).mean().backward()
+    for param_name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), param_name
+
+    codes = model.encode(x)
+    assert codes.shape == (2, cfg.z_size)
+    mean, _ = model.posterior_params(x)
+    torch.testing.assert_close(codes, mean)
+    decoded = model.decode(codes)
+    assert decoded.shape == (2, 3, 64, 64)
+    assert_on_data_grid(model, decoded)
+    assert torch.equal(model.decode(codes), decoded)
+    noisy = model.decode(codes, temperature=1.0)
+    assert noisy.shape == (2, 3, 64, 64) and not torch.equal(noisy, decoded)
+    assert_on_data_grid(model, noisy)
+    sample = model.sample(3, temperature=0.85)
+    assert sample.shape == (3, 3, 64, 64)
+    assert_on_data_grid(model, sample)
+
+
+def test_beta_vae_sampling_at_temperature_zero_is_deterministic():
+    model = build_beta_vae("sdn-at-16")
+    torch.manual_seed(1)
+    first = model.sample(2, temperature=0.0)
+    torch.manual_seed(2)
+    assert torch.equal(model.sample(2, temperature=0.0), first)
+    torch.testing.assert_close(first, model.decode(torch.zeros(2, model.cfg.z_size)))
+    torch.manual_seed(1)
+    warm = model.sample(2, temperature=1.0)
+    torch.manual_seed(2)
+    assert not torch.equal(model.sample(2, temperature=1.0), warm)
+
+
+@pytest.mark.parametrize(("beta_final", "beta_rate"), [(1.0, 1.0), (4.0, 0.005), (0.5, 0.3), (2.0, 0.07)])
+def test_beta_schedule_follows_the_recursion(beta_final, beta_rate):
+    beta = 0.0
+    assert beta_schedule(0, beta_final, beta_rate) == 0.0
+    for step in range(1, 400):
+        beta = min(beta_final, beta + beta_rate * beta_final)
+        assert beta_schedule(step, beta_final, beta_rate) == pytest.approx(beta, rel=1e-9, abs=1e-12)
+    assert beta_schedule(10**6, beta_final, beta_rate) == beta_final
+
+
+# ---------------------------------------------------------------------------------------------
+# Overfitting one fixed batch
+
+
+def bits_per_dim_of(model: nn.Module, x: Tensor, loss_fn) -> float:
+    """The training loss in bits/dim, averaged over a few posterior draws with fixed seeds."""
+    losses = []
+    with torch.no_grad():
+        for draw in range(4):
+            torch.manual_seed(draw)
+            losses.append(loss_fn(model(x)).mean().item())
+    return sum(losses) / len(losses) / (model.dims_per_image * math.log(2.0))
+
+
+def overfit(model: nn.Module, x: Tensor, loss_fn, steps: int, lr: float) -> tuple[float, float]:
+    before = bits_per_dim_of(model, x, loss_fn)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn(model(x)).mean().backward()
+        optimizer.step()
+    return before, bits_per_dim_of(model, x, loss_fn)
+
+
+def test_density_model_overfits_one_batch():
+    cfg = density_config(h_size=16, depth=2, ds_list=[0], sdn_max_scale=4, sdn_nfeat_0=8)
+    model = prepare_model(DensityVAE(cfg), TrainConfig())
+    x = model.obs.preprocess(structured_images(4, 8))
+    before, after = overfit(model, x, lambda out: out["loss"], steps=300, lr=0.01)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_beta_vae_overfits_one_batch():
+    model = build_beta_vae("sdn-at-8")
+    x = model.obs.preprocess(structured_images(4, 64))
+    before, after = overfit(model, x, lambda out: model.loss(out, 1.0), steps=200, lr=0.02)
+    assert after < 0.7 * before, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare_model: orthogonal init, then weight norm on every convolution
+
+
+@pytest.mark.parametrize("model_fn", [lambda: DensityVAE(density_config(post_model="IAF")),
+                                      lambda: DisentanglementVAE(beta_vae_config(sdn_max_scale=64))])
+def test_prepare_model_orthogonal_then_weight_norm(model_fn):
+    model = prepare_model(model_fn(), TrainConfig())
+    convs = [m for m in model.modules() if isinstance(m, CONVS)]
+    assert any(isinstance(m, nn.ConvTranspose2d) for m in convs)
+    for conv in convs:
+        assert parametrize.is_parametrized(conv, "weight")
+        weight_norm = conv.parametrizations.weight
+        assert type(weight_norm[0]).__name__ == "_WeightNorm"
+        gain, direction = weight_norm.original0, weight_norm.original1
+        assert gain.shape == (conv.weight.shape[0], 1, 1, 1) and direction.shape == conv.weight.shape
+        rows = conv.weight.detach().flatten(1)
+        gram = rows @ rows.T if rows.shape[0] <= rows.shape[1] else rows.T @ rows
+        torch.testing.assert_close(gram, torch.eye(len(gram)), atol=1e-4, rtol=0)
+        assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+    for module in model.modules():
+        if not isinstance(module, CONVS):
+            assert not parametrize.is_parametrized(module)
+
+
+def test_prepare_model_can_skip_init_and_weight_norm():
+    model = prepare_model(DensityVAE(density_config()), TrainConfig(init="default", weight_norm=False))
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("conv_name", "mask_type"), [("ar_input", "A"), ("ar_hidden", "B"), ("ar_output", "B")]
+)
+def test_iaf_masks_survive_weight_norm(conv_name, mask_type):
+    model = prepare_model(DensityVAE(density_config(post_model="IAF")), TrainConfig())
+    conv = getattr(model.ladder[0].posterior, conv_name)
+    assert isinstance(conv, MaskedConv2d) and parametrize.is_parametrized(conv, "weight")
+    with torch.no_grad():  # make every weight count, so a leak through the mask would show
+        conv.parametrizations.weight.original1.add_(1.0)
+    size = 5
+    for h in range(size):
+        for w in range(size):
+            x = torch.randn(1, conv.in_channels, size, size, requires_grad=True)
+            conv(x)[0, :, h, w].sum().backward()
+            seen = x.grad.abs().sum(1)[0].flatten() > 0
+            position = h * size + w
+            visible = torch.arange(size * size) < position + (mask_type == "B")
+            assert not seen[~visible].any(), (h, w)
+            if mask_type == "B":
+                assert seen[position]
+            elif w > 0:
+                assert seen[position - 1]  # the left neighbour
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA with a real Lightning Trainer
+
+
+def tiny_experiment(ema_coef: float = 0.7):
+    params = copy.deepcopy(PARAMS)
+    params["datasets"]["photos32"]["image_size"] = 8
+    experiment = params["experiments"]["photos32-sdn"]
+    experiment["model"].update(
+        h_size=8, depth=2, ds_list=[1], sdn_max_scale=8, sdn_min_scale=0, sdn_nfeat_0=4, sdn_num_dirs=1,
+        mix_components=2, post_model="IAF",
+    )
+    experiment["train"].update(batch_size=4, lr=0.01, ema_coef=ema_coef)
+    return experiment_config(params, "photos32-sdn")
+
+
+class WeightRecorder(pl.Callback):
+    """Raw and EMA weights when training starts and after every optimizer step."""
+
+    def __init__(self):
+        self.start = None
+        self.raw, self.ema = [], []
+
+    def on_train_start(self, trainer, module):
+        self.start = (snapshot(module.model), snapshot(module.ema))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.raw.append(snapshot(module.model))
+        self.ema.append(snapshot(module.ema))
+
+
+class ValidationRecorder(pl.Callback):
+    """The generator state and batch right before each validation step (to replay it)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+        self.steps.append((torch.get_rng_state(), batch[0].clone()))
+
+
+TRAIN_IMAGES = torch.randint(
+    0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
+)
+
+
+def fit(cfg, max_steps: int, ckpt_path: Path | None = None, init_seed: int | None = None, callbacks=()):
+    pl.seed_everything(cfg.seed if init_seed is None else init_seed, verbose=False)
+    module = VAEModule(cfg)
+    sampler = StepBatchSampler(len(TRAIN_IMAGES), cfg.train.batch_size, cfg.seed, total=max_steps)
+    if ckpt_path is not None:  # as train_experiment does
+        sampler.start = torch.load(ckpt_path, map_location="cpu", weights_only=False)["global_step"]
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+        use_distributed_sampler=False, num_sanity_val_steps=0, deterministic=True, callbacks=list(callbacks),
+    )
+    loader = DataLoader(TensorDataset(TRAIN_IMAGES), batch_sampler=sampler)
+    trainer.fit(module, loader, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    return module, trainer
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    recorder, validation = WeightRecorder(), ValidationRecorder()
+    cfg = tiny_experiment()
+    module, trainer = fit(cfg, max_steps=4, callbacks=[recorder, validation])
+    return cfg, module, trainer, recorder, validation
+
+
+def test_ema_is_the_exponential_average_of_the_raw_weights(trained):
+    cfg, module, _, recorder, _ = trained
+    coef = cfg.train.ema_coef
+    raw_start, ema_start = recorder.start
+    for raw, ema in zip(raw_start, ema_start, strict=True):
+        assert torch.equal(raw, ema)
+    expected = ema_start
+    assert len(recorder.raw) == 4
+    for raw_step, ema_step in zip(recorder.raw, recorder.ema, strict=True):
+        expected = [coef * e + (1 - coef) * r for e, r in zip(expected, raw_step, strict=True)]
+        for got, want in zip(ema_step, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(r, s) for r, s in zip(recorder.raw[-1], raw_start, strict=True))
+    assert any(not torch.allclose(r, e) for r, e in zip(recorder.raw[-1], recorder.ema[-1], strict=True))
+    assert all(not p.requires_grad for p in module.ema.parameters())
+
+
+def replay_validation(model: nn.Module, steps) -> float:
+    """Validation's neg-ELBO in bits/dim, recomputed with `model` from the recorded states."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for state, images in steps:
+            torch.set_rng_state(state)
+            total += -model(model.obs.preprocess(images))["elbo"].double().sum().item()
+            count += len(images)
+    return total / (count * model.dims_per_image * math.log(2.0))
+
+
+def test_validation_uses_the_ema_weights(trained):
+    _, module, trainer, _, validation = trained
+    validation.steps.clear()
+    val_images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    trainer.validate(module, DataLoader(TensorDataset(val_images), batch_size=4), verbose=False)
+    assert len(validation.steps) == 2
+    reported = module.val_rows[-1]["neg_elbo_bpd"]
+    assert module.val_rows[-1]["images"] == 8
+    assert float(trainer.callback_metrics["val/neg_elbo_bpd"]) == pytest.approx(reported, rel=1e-6)
+    with_ema = replay_validation(module.ema, validation.steps)
+    with_raw = replay_validation(module.model, validation.steps)
+    assert reported == pytest.approx(with_ema, rel=1e-5)
+    assert abs(with_raw - with_ema) > 1e-3 * with_ema
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
+def test_resume_trains_the_raw_weights_and_restores_the_ema(tmp_path):
+    cfg = tiny_experiment()
+    uninterrupted, _ = fit(cfg, max_steps=6)
+    first, trainer = fit(cfg, max_steps=3)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    saved_raw = [state[f"model.{name}"] for name, _ in first.model.named_parameters()]
+    saved_ema = [state[f"ema.{name}"] for name, _ in first.ema.named_parameters()]
+    assert any(not torch.allclose(r, e) for r, e in zip(saved_raw, saved_ema, strict=True))
+
+    recorder = WeightRecorder()
+    resumed, _ = fit(cfg, max_steps=6, ckpt_path=ckpt, init_seed=cfg.seed + 1, callbacks=[recorder])
+    raw_start, ema_start = recorder.start
+    for got, want in zip(raw_start + ema_start, saved_raw + saved_ema, strict=True):
+        assert torch.equal(got, want)
+    # the first resumed step moves the raw weights and averages them into the restored EMA
+    coef = cfg.train.ema_coef
+    for ema, saved, raw in zip(recorder.ema[0], saved_ema, recorder.raw[0], strict=True):
+        torch.testing.assert_close(ema, coef * saved + (1 - coef) * raw, rtol=1e-5, atol=1e-6)
+    assert len(recorder.raw) == 3
+    # same data, same noise, same optimiser state: the uninterrupted run's weights
+    for got, want in zip(snapshot(resumed.model), snapshot(uninterrupted.model), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(snapshot(resumed.ema), snapshot(uninterrupted.ema), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every experiment of params.yaml, built on the meta device (no memory, no init): plan and size
+
+@pytest.mark.parametrize("name", list(PARAMS["experiments"]))
+def test_every_experiment_matches_the_spec(name):
+    cfg = experiment_config(PARAMS, name)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    # what prepare_model's weight norm adds: one gain per slice along dim 0 of each conv weight
+    gains = sum(m.weight.shape[0] for m in model.modules() if isinstance(m, CONVS))
+    if cfg.kind == "density":
+        layers, last = spec_plan(cfg.model)
+        assert model.describe()["ladder"] == layers
+        assert model.describe()["last_layer"].get("directions") == last
+        assert count_parameters(model) + gains == density_count(cfg.model)
+    else:
+        stages = model.describe()["decoder_stages"]
+        expected = [cfg.model.sdn_min_scale <= s <= cfg.model.sdn_max_scale for s in (8, 16, 32, 64)]
+        assert [stage["sdn"] for stage in stages] == expected
+        assert count_parameters(model) + gains == beta_vae_count(cfg.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m sdn info
+
+
+def test_info_reports_the_model(capsys):
+    assert sdn_main(["info", "photos32-sdn"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cfg = experiment_config(PARAMS, "photos32-sdn")
+    assert result["parameters"] == density_count(cfg.model)
+    layers, last = spec_plan(cfg.model)
+    assert result["ladder"] == layers
+    assert result["last_layer"]["sdn"] == (last is not None)
+
+
+def test_info_reports_the_beta_vae(capsys):
+    assert sdn_main(["info", "sprites-sdn"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cfg = experiment_config(PARAMS, "sprites-sdn")
+    assert result["parameters"] == beta_vae_count(cfg.model)
+    assert [stage["scale"] for stage in result["decoder_stages"]] == [8, 16, 32, 64]
+
+
+def test_info_unknown_experiment(capsys):
+    assert sdn_main(["info", "cifar10-sdm"]) == 2
+    assert "Did you mean 'cifar10-sdn'" in capsys.readouterr().err
+
+
+def test_info_cifar10_builds_the_paper_network():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # orthogonal init is slow on busy shared cores
+    done = subprocess.run(
+        [sys.executable, "-m", "sdn", "info", "cifar10-sdn"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert isinstance(result["parameters"], int)
+    # SDN_SPEC.md section 4: depth 15, ds_list 5 10, F 360 / diff 128, 2 directions, 32x32
+    ladder = result["ladder"]
+    assert [layer["scale"] for layer in ladder] == [32] * 6 + [16] * 5 + [8] * 4
+    assert [layer["downsample"] for layer in ladder] == [i in (5, 10) for i in range(15)]
+    assert all(layer["sdn"] for layer in ladder)
+    assert [layer["sdn_features"] for layer in ladder] == [360] * 6 + [232] * 5 + [104] * 4
+    assert all(layer["directions"] == [[0, 1], [2, 3]] for layer in ladder)
+    assert result["last_layer"] == {"sdn": True, "sdn_features": 360, "directions": [0, 1, 2, 3]}
+    cfg = experiment_config(PARAMS, "cifar10-sdn")
+    assert result["parameters"] == density_count(cfg.model)
