@@ -31,8 +31,8 @@ MICRO_SAMPLE = {"grid": 2, "temperatures": [1.0]}
 
 def micro_params(params: dict[str, Any]) -> dict[str, Any]:
     """params.yaml with the default experiments and their datasets shrunk to micro size."""
-    for name, override in MICRO_DATASETS.items():
-        params["datasets"][name].update(override)
+    for dataset, override in MICRO_DATASETS.items():
+        params["datasets"][dataset].update(override)
     params["trainer"]["progress_bar"] = False
     for name, exp in params["experiments"].items():
         if exp["dataset"] not in MICRO_DATASETS:
@@ -49,6 +49,13 @@ def micro_params(params: dict[str, Any]) -> dict[str, Any]:
             exp["sample"].update({"interpolation_layers": [1], "interpolation_steps": 2,
                                   "neighbourhood_layers": 1, "nearest_samples": 2, "nearest_k": 2})
     return params
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes shared mappings out in full: no anchors, so editing one experiment edits only it."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 class Project:
@@ -84,7 +91,8 @@ class Project:
         return yaml.safe_load((self.root / "params.yaml").read_text())
 
     def write_params(self, params: dict[str, Any]) -> None:
-        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        text = yaml.dump(params, Dumper=_PlainDumper, sort_keys=False)
+        (self.root / "params.yaml").write_text(text)
 
     def run(self, *args: str, check: bool = True, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
         result = subprocess.run(

@@ -182,7 +182,8 @@ def write_split(
     if map_size is None:
         map_size = max(_MIN_MAP_SIZE, int(1.2 * (total or 0) * (meta.record_bytes + 64)))
     # sync off while writing (one explicit sync at the end): the caller renames only complete data.
-    env = lmdb.open(str(path), map_size=map_size, sync=False)
+    # lock=False: no lock.mdb is left beside the data, so a reconversion is byte-identical
+    env = lmdb.open(str(path), map_size=map_size, sync=False, lock=False)
     count = 0
     try:
         with tqdm(total=total, unit="img", desc=f"{meta.dataset}/{meta.split}", mininterval=1.0) as bar:

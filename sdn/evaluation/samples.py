@@ -10,14 +10,25 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torchvision.utils import make_grid
+
+
+def make_grid(images: Tensor, nrow: int, padding: int = 2) -> Tensor:
+    """Tile (N, C, H, W) images into one (C, H', W') image, `nrow` per row, on a white ground."""
+    count, channels, height, width = images.shape
+    rows = -(-count // nrow)
+    grid = images.new_ones(channels, rows * (height + padding) + padding, nrow * (width + padding) + padding)
+    for i, image in enumerate(images):
+        top = padding + (i // nrow) * (height + padding)
+        left = padding + (i % nrow) * (width + padding)
+        grid[:, top : top + height, left : left + width] = image
+    return grid
 
 
 def save_grid(images: Tensor, path: Path, nrow: int) -> None:
     """Write images in [0, 1] as one PNG grid (temporary file, then rename)."""
     from PIL import Image
 
-    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow)
     array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     if array.shape[2] == 1:
         array = array[..., 0]
@@ -62,7 +73,9 @@ def neighbourhood(model, x: Tensor, fixed_layers: int, n: int, temperature: floa
 
 
 @torch.no_grad()
-def nearest_training_images(samples: Tensor, training_chunks: Iterable[Tensor], k: int) -> tuple[Tensor, Tensor]:
+def nearest_training_images(
+    samples: Tensor, training_chunks: Iterable[Tensor], k: int
+) -> tuple[Tensor, Tensor]:
     """For each sample (images in [0, 1]) its `k` nearest training images by L2 distance, streamed
     over chunks of training images (so any training set size fits in memory).
     Returns (indices (S, k), distances (S, k))."""

@@ -1,0 +1,388 @@
+"""End to end: the DVC pipeline on micro experiments, in a throw-away copy of the project.
+
+One module-wide build runs `dvc repro summary` once (three to four minutes here); the tests read it,
+and those that change things (a parameter, a git commit) work on a copy or a clone of it. The
+determinism tests build a second copy from scratch and are marked slow (`make test-slow`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import subprocess
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.pipeline_project import REPO, Project
+
+DEFAULT_DATASETS = ("photos32", "sprites")
+DEFAULT_EXPERIMENTS = ("photos32-sdn", "photos32-cnn", "sprites-sdn", "sprites-cnn")
+DEFAULT_STAGES = (
+    *(f"{stage}@{dataset}" for dataset in DEFAULT_DATASETS for stage in ("download", "convert")),
+    *(f"{stage}@{name}" for name in DEFAULT_EXPERIMENTS for stage in ("train", "evaluate", "sample")),
+    "summary",
+)
+DISENTANGLEMENT_SCORES = (
+    "beta_vae",
+    "factor_vae",
+    "mig",
+    "dci_disentanglement",
+    "dci_completeness",
+    "dci_informativeness",
+)
+CHANGED = "photos32-cnn"  # the experiment whose learning rate the change tests edit (its stages are quick)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class ProjectAt(Project):
+    """An existing project directory (a copy or a git clone of a built one), driven like a Project:
+    its `env` puts this directory's `sdn` on PYTHONPATH."""
+
+    def __init__(self, root: Path) -> None:  # adopt the directory as it is: no copy, no git init
+        self.root = root
+
+
+@dataclass
+class Build:
+    project: Project
+    repro_output: str  # stdout and stderr of its `dvc repro summary`
+    source: str  # the commit it was built from: micro params, no results
+
+
+@dataclass
+class Change:
+    project: ProjectAt
+    status_before: dict[str, Any]  # `dvc status --json` of the default pipeline after the edit
+    repro_output: str
+    untouched_before: dict[str, tuple[str, int]]  # snapshot of what the edit must not touch
+    untouched_after: dict[str, tuple[str, int]]
+
+
+def output_of(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
+def stages_run(repro_output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", repro_output)
+
+
+def commit(project: Project, message: str) -> None:
+    project.git("add", "-A")
+    project.git("-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", message)
+
+
+def files_under(root: Path, paths: list[str]) -> list[Path]:
+    """Every file under `paths` (files or folders relative to `root`), relative to `root`."""
+    files = []
+    for path in paths:
+        top = root / path
+        files += [file.relative_to(root) for file in [top, *top.rglob("*")] if file.is_file()]
+    return sorted(files)
+
+
+def digests(root: Path, paths: list[str]) -> dict[str, str]:
+    """md5 of every file under `paths`, keyed by its path relative to `root`."""
+    return {
+        str(file): hashlib.md5((root / file).read_bytes()).hexdigest() for file in files_under(root, paths)
+    }
+
+
+def snapshot(root: Path, paths: list[str]) -> dict[str, tuple[str, int]]:
+    """(md5, mtime) of every file under `paths`: equal snapshots mean the files were not rewritten."""
+    return {path: (digest, (root / path).stat().st_mtime_ns) for path, digest in digests(root, paths).items()}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as {"dotted.key": leaf}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    leaves: dict[str, Any] = {}
+    for key, value in tree.items():
+        leaves.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return leaves
+
+
+def eval_metrics(root: Path, experiment: str) -> dict[str, Any]:
+    return json.loads((root / "metrics" / experiment / "eval.json").read_text())
+
+
+def pipeline_status(project: Project) -> dict[str, Any]:
+    """`dvc status` of the default pipeline (the paper datasets' stages, never run here, always
+    show as changed, so the status is taken of `summary` and everything it depends on)."""
+    return json.loads(project.dvc("status", "summary", "--with-deps", "--json").stdout)
+
+
+def head(project: Project) -> str:
+    return project.git("rev-parse", "HEAD").stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """The micro pipeline after one `dvc repro summary`, with dvc.lock and metrics/ committed."""
+    project = Project(tmp_path_factory.mktemp("built"))
+    source = head(project)
+    build = Build(project, output_of(project.dvc("repro", "summary")), source)
+    commit(project, "micro run")
+    return build
+
+
+@pytest.fixture(scope="module")
+def changed(built: Build, tmp_path_factory: pytest.TempPathFactory) -> Change:
+    """A copy of the built project (cache, data and git history included) after doubling one
+    experiment's learning rate and running `dvc repro summary` again."""
+    project = ProjectAt(tmp_path_factory.mktemp("changed") / "project")
+    shutil.copytree(built.project.root, project.root, symlinks=True)
+    params = project.read_params()
+    old_leaves = flatten(params)
+    # A fresh dict: after the YAML merge `<<: *photos32`, photos32-cnn's `train` is the very object
+    # photos32-sdn holds (Project.write_params keeps the sharing as a YAML alias), so editing it in
+    # place would change both experiments.
+    train = params["experiments"][CHANGED]["train"]
+    params["experiments"][CHANGED]["train"] = {**train, "lr": train["lr"] * 2}
+    project.write_params(params)
+    new_leaves = flatten(project.read_params())
+    assert {k for k in old_leaves.keys() | new_leaves.keys() if old_leaves.get(k) != new_leaves.get(k)} == {
+        f"experiments.{CHANGED}.train.lr"
+    }, "the edit of params.yaml must change exactly one key"
+
+    others = [name for name in DEFAULT_EXPERIMENTS if name != CHANGED]
+    untouched = [
+        "data/raw",
+        "data/lmdb",
+        *(f"data/checkpoints/{name}" for name in others),
+        *(f"metrics/{name}" for name in others),
+    ]
+    before = snapshot(project.root, untouched)
+    status = pipeline_status(project)
+    repro = project.dvc("repro", "summary")
+    return Change(project, status, output_of(repro), before, snapshot(project.root, untouched))
+
+
+# ---- make ----------------------------------------------------------------------------------------
+
+
+def test_make_help_lists_the_targets() -> None:
+    result = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True, check=True)
+    targets = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+    assert {"all", "install", "test", "test-slow", "metrics", "diff", "plots", "<dataset>"} <= targets
+    for dataset in ("cifar10", "imagenet32", "celebahq256", "3dshapes", *DEFAULT_DATASETS):
+        assert dataset in result.stdout
+
+
+def test_make_dataset_dry_run_reproduces_that_datasets_stages() -> None:
+    result = subprocess.run(["make", "-n", "cifar10"], cwd=REPO, capture_output=True, text=True, check=True)
+    repros = [line.split() for line in result.stdout.splitlines() if "dvc repro" in line]
+    assert repros, result.stdout
+    stages = {word for words in repros for word in words if "@" in word}
+    expected = {f"{stage}@cifar10-{arch}" for stage in ("evaluate", "sample") for arch in ("sdn", "cnn")}
+    assert stages == expected
+    assert any("summary" in words for words in repros), "make <dataset> also refreshes the summary"
+
+
+# ---- the first `dvc repro summary` -------------------------------------------------------------
+
+
+def test_first_repro_runs_every_default_stage_once(built: Build) -> None:
+    assert Counter(stages_run(built.repro_output)) == Counter(DEFAULT_STAGES)
+
+
+def test_declared_outputs_exist(built: Build) -> None:
+    root = built.project.root
+    for dataset in DEFAULT_DATASETS:
+        assert any((root / "data" / "raw" / dataset).iterdir()), f"data/raw/{dataset} is empty"
+        for split in ("train", "val"):
+            assert (root / "data" / "lmdb" / dataset / split / "data.mdb").is_file()
+    for name in DEFAULT_EXPERIMENTS:
+        assert (root / "data" / "checkpoints" / name / "last.ckpt").stat().st_size > 0
+        metrics = root / "metrics" / name
+        for curve in ("train.csv", "val.csv"):
+            table = pd.read_csv(metrics / curve)
+            assert {"step", "neg_elbo_bpd"} <= set(table.columns) and len(table) > 0, f"{name}/{curve}"
+        assert (metrics / "eval.json").is_file()
+        samples = sorted((metrics / "samples").glob("*.png"))
+        assert samples, f"no sample grids for {name}"
+        for png in samples:
+            assert png.read_bytes()[:8] == PNG_MAGIC, png
+    for summary in ("summary.md", "summary.csv"):
+        assert (root / "metrics" / summary).stat().st_size > 0
+
+
+def test_lock_records_every_default_stage_and_its_outputs(built: Build) -> None:
+    root = built.project.root
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    params = built.project.read_params()
+    for stage in DEFAULT_STAGES:
+        assert stage in lock, f"dvc.lock lacks {stage}"
+        assert lock[stage]["outs"], f"{stage} recorded no outputs"
+        for out in lock[stage]["outs"]:
+            assert out.get("md5"), f"{stage}: no hash for {out['path']}"
+            assert (root / out["path"]).exists(), f"{stage}: {out['path']} is recorded but missing"
+    for name in DEFAULT_EXPERIMENTS:
+        train = lock[f"train@{name}"]
+        assert train["params"]["params.yaml"][f"experiments.{name}"] == params["experiments"][name]
+        assert "sdn/training.py" in {dep["path"] for dep in train["deps"]}
+
+
+@pytest.mark.parametrize("experiment", DEFAULT_EXPERIMENTS)
+def test_eval_metrics_are_finite_and_consistent(built: Build, experiment: str) -> None:
+    metrics = eval_metrics(built.project.root, experiment)
+    for key in ("neg_elbo_bpd", "nll_bpd", "kl_bpd"):
+        assert math.isfinite(metrics[key]), f"{key} = {metrics[key]}"
+    # the importance-weighted bound is never looser than the ELBO it starts from
+    assert metrics["nll_bpd"] <= metrics["neg_elbo_bpd"] + 1e-3
+    assert metrics["kl_bpd"] >= 0
+    if experiment.startswith("sprites-"):
+        for score in DISENTANGLEMENT_SCORES:
+            assert 0 <= metrics[score] <= 1, f"{score} = {metrics[score]}"
+
+
+def test_summary_has_one_row_per_default_experiment(built: Build) -> None:
+    root = built.project.root
+    table = pd.read_csv(root / "metrics" / "summary.csv")
+    assert sorted(table["experiment"]) == sorted(DEFAULT_EXPERIMENTS)
+    experiments = list(table["experiment"])
+    for dataset in DEFAULT_DATASETS:  # each SDN run directly followed by its CNN baseline
+        assert experiments.index(f"{dataset}-cnn") == experiments.index(f"{dataset}-sdn") + 1
+    for row in table.itertuples():
+        assert row.neg_elbo_bpd == pytest.approx(eval_metrics(root, row.experiment)["neg_elbo_bpd"])
+    markdown = (root / "metrics" / "summary.md").read_text()
+    for name in DEFAULT_EXPERIMENTS:
+        assert name in markdown
+
+
+def test_plots_show_renders_curves_and_sample_grids(built: Build, tmp_path: Path) -> None:
+    result = built.project.dvc("plots", "show", "--json", "-o", str(tmp_path / "plots"))
+    plots = json.loads(result.stdout)["data"]
+    for name in DEFAULT_EXPERIMENTS:
+        for curve in ("train.csv", "val.csv"):
+            (plot,) = plots[f"metrics/{name}/{curve}"]
+            rows = plot["content"]["data"]["values"]
+            assert rows and {"step", "neg_elbo_bpd"} <= set(rows[0]), f"{name}/{curve}"
+        grids = [path for path in plots if path.startswith(f"metrics/{name}/samples/")]
+        assert grids, f"no sample plots for {name}"
+        for path in grids:
+            (image,) = plots[path]
+            assert image["type"] == "image" and Path(image["url"]).is_file()
+
+
+def test_second_repro_does_nothing(built: Build) -> None:
+    lock = (built.project.root / "dvc.lock").read_bytes()
+    output = output_of(built.project.dvc("repro", "summary"))
+    assert stages_run(output) == []
+    for stage in DEFAULT_STAGES:
+        assert f"Stage '{stage}' didn't change" in output
+    assert (built.project.root / "dvc.lock").read_bytes() == lock
+    assert pipeline_status(built.project) == {}
+
+
+# ---- sharing across machines (issue 7, item 5) -------------------------------------------------
+
+
+def test_push_then_pull_into_a_fresh_clone_leaves_nothing_to_run(built: Build, tmp_path: Path) -> None:
+    origin = built.project
+    origin.dvc("remote", "add", "-d", "local", str(tmp_path / "remote"))
+    origin.dvc("push")
+    assert "in sync" in output_of(origin.dvc("status", "--cloud", "summary", "--with-deps"))
+    commit(origin, "DVC remote")  # the remote's address travels with the repository
+
+    clone = ProjectAt(tmp_path / "clone")
+    subprocess.run(["git", "clone", "-q", str(origin.root), str(clone.root)], check=True)
+    assert not (clone.root / "data" / "checkpoints").exists()
+    # A plain `dvc pull` also tries the paper stages, which have no outputs recorded, and exits 1.
+    clone.dvc("pull", "summary", "--with-deps")
+    for name in DEFAULT_EXPERIMENTS:
+        checkpoint = Path("data") / "checkpoints" / name / "last.ckpt"
+        assert (clone.root / checkpoint).read_bytes() == (origin.root / checkpoint).read_bytes()
+
+    assert pipeline_status(clone) == {}
+    assert stages_run(output_of(clone.dvc("repro", "summary"))) == []
+    assert clone.git("status", "--porcelain").stdout == "", "the clone's repro rewrote tracked files"
+
+
+# ---- changing one experiment's parameter -------------------------------------------------------
+
+
+def test_changed_parameter_shows_only_that_experiments_stages_as_changed(changed: Change) -> None:
+    assert set(changed.status_before) == {f"{stage}@{CHANGED}" for stage in ("train", "evaluate", "sample")}
+    for stage, changes in changed.status_before.items():
+        assert {"changed deps": {"params.yaml": {f"experiments.{CHANGED}": "modified"}}} in changes, stage
+
+
+def test_changed_parameter_reruns_only_that_experiment(changed: Change) -> None:
+    ran = stages_run(changed.repro_output)
+    assert sorted(ran) == sorted([f"train@{CHANGED}", f"evaluate@{CHANGED}", f"sample@{CHANGED}", "summary"])
+    assert ran[-1] == "summary"
+    assert changed.untouched_after == changed.untouched_before
+    assert pipeline_status(changed.project) == {}
+
+
+def test_metrics_diff_reports_the_changed_experiment(changed: Change) -> None:
+    project = changed.project
+    diff = json.loads(project.dvc("metrics", "diff", "--json").stdout)  # HEAD (the first run) vs workspace
+    path = f"metrics/{CHANGED}/eval.json"
+    assert set(diff) == {path}
+    old = json.loads(project.git("show", f"HEAD:{path}").stdout)
+    new = eval_metrics(project.root, CHANGED)
+    moved = {key for key, value in new.items() if old.get(key) != value}
+    assert "neg_elbo_bpd" in moved
+    assert set(diff[path]) == moved
+    for key in moved:
+        assert (diff[path][key]["old"], diff[path][key]["new"]) == (old[key], new[key])
+
+
+# ---- determinism (issue 7, item 4) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rebuilt(built: Build, tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """A second build from scratch, of the same source (other people may edit the checkout
+    meanwhile): a git clone of the built project at the commit it started from, without any
+    DVC cache, data or metrics."""
+    project = ProjectAt(tmp_path_factory.mktemp("rebuilt") / "project")
+    subprocess.run(["git", "clone", "-q", str(built.project.root), str(project.root)], check=True)
+    project.git("checkout", "-q", built.source)
+    assert not (project.root / "metrics" / DEFAULT_EXPERIMENTS[0]).exists()
+    return Build(project, output_of(project.dvc("repro", "summary")), built.source)
+
+
+@pytest.mark.slow
+def test_rebuild_runs_every_default_stage(rebuilt: Build) -> None:
+    assert Counter(stages_run(rebuilt.repro_output)) == Counter(DEFAULT_STAGES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", DEFAULT_EXPERIMENTS)
+def test_two_builds_from_scratch_give_identical_eval_json(
+    built: Build, rebuilt: Build, experiment: str
+) -> None:
+    path = Path("metrics") / experiment / "eval.json"
+    assert (rebuilt.project.root / path).read_text() == (built.project.root / path).read_text()
+
+
+@pytest.mark.slow
+def test_two_builds_from_scratch_give_identical_metrics_folders(built: Build, rebuilt: Build) -> None:
+    """Training curves, sample grids and the summary as well."""
+    first, second = (digests(build.project.root, ["metrics"]) for build in (built, rebuilt))
+    assert first.keys() == second.keys()
+    assert [path for path in first if first[path] != second[path]] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "stage", [f"{step}@{dataset}" for step in ("download", "convert") for dataset in DEFAULT_DATASETS]
+)
+def test_two_builds_from_scratch_give_identical_data(built: Build, rebuilt: Build, stage: str) -> None:
+    def outputs(build: Build) -> dict[str, str]:
+        lock = yaml.safe_load((build.project.root / "dvc.lock").read_text())["stages"]
+        return {out["path"]: out["md5"] for out in lock[stage]["outs"]}
+
+    assert outputs(rebuilt) == outputs(built)
