@@ -14,15 +14,21 @@ def info(name: str) -> dict:
 
     cfg = experiment_config(load_params(), name)
     model = prepare_model(build_model(cfg), cfg.train)
-    return {"experiment": name, "kind": cfg.kind, "dataset": cfg.dataset,
-            "parameters": count_parameters(model), **model.describe()}
+    return {
+        "experiment": name,
+        "kind": cfg.kind,
+        "dataset": cfg.dataset,
+        "parameters": count_parameters(model),
+        **model.describe(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdn", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="model structure and parameter count of an experiment").add_argument(
-        "experiment")
+        "experiment"
+    )
     inspect = commands.add_parser("inspect", help="splits, counts, shapes and labels of a converted dataset")
     inspect.add_argument("dataset")
     inspect.add_argument("--data-root", default="data")

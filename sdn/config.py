@@ -177,7 +177,11 @@ def build_section(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) 
     values = {}
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name not in data:
-            if f.name not in skip and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if (
+                f.name not in skip
+                and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING
+            ):
                 raise ConfigError(f"{where}.{f.name}: missing; it is required ({_describe(hints[f.name])}).")
             continue
         value = data[f.name]
@@ -207,7 +211,11 @@ def _check_density(cfg: DensityConfig, where: str) -> None:
     for key in ("z_size", "h_size", "depth", "mix_components"):
         _require(getattr(cfg, key) >= 1, f"{where}.{key}", f"must be at least 1, got {getattr(cfg, key)}.")
     _require(1 <= cfg.nbits <= 8, f"{where}.nbits", f"must be between 1 and 8, got {cfg.nbits}.")
-    _require(0 <= cfg.sdn_num_dirs <= 4, f"{where}.sdn_num_dirs", f"a direction count is 0 to 4, got {cfg.sdn_num_dirs}.")
+    _require(
+        0 <= cfg.sdn_num_dirs <= 4,
+        f"{where}.sdn_num_dirs",
+        f"a direction count is 0 to 4, got {cfg.sdn_num_dirs}.",
+    )
     _require(cfg.free_bits >= 0, f"{where}.free_bits", f"must be non-negative, got {cfg.free_bits}.")
     bad = [i for i in cfg.ds_list if not 0 <= i < cfg.depth]
     _require(not bad, f"{where}.ds_list", f"layer indices {bad} lie outside 0..depth-1 (depth={cfg.depth}).")
@@ -225,7 +233,9 @@ def _check_density(cfg: DensityConfig, where: str) -> None:
         _require(cfg.image_size % 2 == 0, f"{where}.downsample_first", "needs an even image size.")
     for i in range(cfg.depth):
         if i in cfg.ds_list and scale > 1:
-            _require(scale % 2 == 0, f"{where}.ds_list", f"layer {i} would downsample an odd {scale}x{scale} map.")
+            _require(
+                scale % 2 == 0, f"{where}.ds_list", f"layer {i} would downsample an odd {scale}x{scale} map."
+            )
             scale //= 2
 
 
@@ -235,7 +245,11 @@ def _check_disentanglement(cfg: DisentanglementConfig, where: str) -> None:
     for key in ("z_size", "mix_components"):
         _require(getattr(cfg, key) >= 1, f"{where}.{key}", f"must be at least 1, got {getattr(cfg, key)}.")
     _require(1 <= cfg.nbits <= 8, f"{where}.nbits", f"must be between 1 and 8, got {cfg.nbits}.")
-    _require(0 <= cfg.sdn_num_dirs <= 4, f"{where}.sdn_num_dirs", f"a direction count is 0 to 4, got {cfg.sdn_num_dirs}.")
+    _require(
+        0 <= cfg.sdn_num_dirs <= 4,
+        f"{where}.sdn_num_dirs",
+        f"a direction count is 0 to 4, got {cfg.sdn_num_dirs}.",
+    )
     _require(cfg.beta_final >= 0, f"{where}.beta_final", "must be non-negative.")
     _require(0 < cfg.beta_rate <= 1, f"{where}.beta_rate", "must lie in (0, 1].")
     if any(cfg.sdn_min_scale <= s <= cfg.sdn_max_scale for s in (8, 16, 32, 64)):
@@ -251,7 +265,8 @@ def _dataset_shape(params: dict[str, Any], dataset: str, where: str) -> tuple[in
         value = cfg.get(key)
         _require(
             isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-            f"datasets.{dataset}.{key}", f"expected a positive integer, got {value!r} (used by {where}).",
+            f"datasets.{dataset}.{key}",
+            f"expected a positive integer, got {value!r} (used by {where}).",
         )
     flip = cfg.get("flip", False)
     _require(isinstance(flip, bool), f"datasets.{dataset}.flip", f"expected true or false, got {flip!r}.")
@@ -278,13 +293,21 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
         _require(key in raw, f"{where}.{key}", "missing; it is required.")
     dataset = raw["dataset"]
     _require(isinstance(dataset, str), f"{where}.dataset", "expected a dataset name.")
-    _require(isinstance(raw["seed"], int) and not isinstance(raw["seed"], bool), f"{where}.seed", "expected an integer.")
+    _require(
+        isinstance(raw["seed"], int) and not isinstance(raw["seed"], bool),
+        f"{where}.seed",
+        "expected an integer.",
+    )
     image_size, channels, flip = _dataset_shape(params, dataset, where)
 
-    _require(isinstance(raw["model"], dict | None), f"{where}.model", "expected a mapping of hyper-parameters.")
+    _require(
+        isinstance(raw["model"], dict | None), f"{where}.model", "expected a mapping of hyper-parameters."
+    )
     model_raw = dict(raw["model"] or {})
     kind = model_raw.pop("kind", None)
-    _require(kind in MODEL_KINDS, f"{where}.model.kind", f"expected one of {', '.join(MODEL_KINDS)}, got {kind!r}.")
+    _require(
+        kind in MODEL_KINDS, f"{where}.model.kind", f"expected one of {', '.join(MODEL_KINDS)}, got {kind!r}."
+    )
     model_cls = DensityConfig if kind == "density" else DisentanglementConfig
     values = build_section(model_cls, model_raw, f"{where}.model", skip=("image_size", "channels"))
     model = model_cls(image_size=image_size, channels=channels, **values)
@@ -300,7 +323,11 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
 
     train = TrainConfig(**build_section(TrainConfig, raw.get("train"), f"{where}.train"))
     for key in ("batch_size", "max_steps", "accumulate_grad_batches", "val_every_steps", "ckpt_every_steps"):
-        _require(getattr(train, key) >= 1, f"{where}.train.{key}", f"must be at least 1, got {getattr(train, key)}.")
+        _require(
+            getattr(train, key) >= 1,
+            f"{where}.train.{key}",
+            f"must be at least 1, got {getattr(train, key)}.",
+        )
     _require(train.lr > 0, f"{where}.train.lr", "must be positive.")
     _require(0 < train.lrate_decay <= 1, f"{where}.train.lrate_decay", "must lie in (0, 1].")
     _require(0 <= train.ema_coef < 1, f"{where}.train.ema_coef", "must lie in [0, 1).")
@@ -310,7 +337,9 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     _require(evaluate.iw_samples >= 1, f"{where}.evaluate.iw_samples", "must be at least 1.")
     _require(evaluate.chunk_size >= 1, f"{where}.evaluate.chunk_size", "must be at least 1.")
     sample = SampleConfig(**build_section(SampleConfig, raw.get("sample"), f"{where}.sample"))
-    _require(all(t >= 0 for t in sample.temperatures), f"{where}.sample.temperatures", "must be non-negative.")
+    _require(
+        all(t >= 0 for t in sample.temperatures), f"{where}.sample.temperatures", "must be non-negative."
+    )
 
     reported = raw.get("reported") or {}
     _require(isinstance(reported, dict), f"{where}.reported", "expected a mapping of metric name to number.")
@@ -318,8 +347,18 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     if baseline is not None:
         _require(baseline in experiments, f"{where}.baseline", f"no experiment named {baseline!r}.")
     return ExperimentConfig(
-        name=name, dataset=dataset, seed=raw["seed"], model=model, kind=kind, trainer=trainer,
-        train=train, evaluate=evaluate, sample=sample, reported=reported, baseline=baseline, flip=flip,
+        name=name,
+        dataset=dataset,
+        seed=raw["seed"],
+        model=model,
+        kind=kind,
+        trainer=trainer,
+        train=train,
+        evaluate=evaluate,
+        sample=sample,
+        reported=reported,
+        baseline=baseline,
+        flip=flip,
     )
 
 

@@ -30,6 +30,10 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: damaged, or made with another configuration."""
+
+
 def run_stage(main: Callable[[str], None], usage: str) -> None:
     """Run `main(name)` with the single command-line argument; known failures exit with a
     one-paragraph message instead of a traceback."""
@@ -40,5 +44,5 @@ def run_stage(main: Callable[[str], None], usage: str) -> None:
         sys.exit(f"usage: {usage}")
     try:
         main(sys.argv[1])
-    except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError) as err:
+    except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError, CheckpointError) as err:
         sys.exit(f"error: {err}")

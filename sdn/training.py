@@ -3,7 +3,8 @@
 Batches are indexed by optimizer step, not by epoch position (`StepBatchSampler`): the data a
 step sees depends only on the seed and the step, so a run killed and resumed from a checkpoint,
 a run split across DDP processes, and a run with gradient accumulation all see the same images
-as one uninterrupted process with the same global batch.
+as one uninterrupted process with the same global batch. The random draws of each micro-batch
+(flips, posterior noise) are seeded the same way, by the micro-batch's place in the run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,9 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from sdn.config import ExperimentConfig, TrainConfig, build_model
+from sdn.config import ConfigError, ExperimentConfig, TrainConfig, build_model
 from sdn.models.disentanglement import beta_schedule
-from sdn.pipeline import NonFiniteLossError
+from sdn.pipeline import CheckpointError, NonFiniteLossError
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -51,6 +53,12 @@ def prepare_model(model: nn.Module, train: TrainConfig) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def noise_seed(seed: int, phase: str, index: int) -> int:
+    """The generator seed for one batch's random draws (flips, posterior noise)."""
+    digest = hashlib.sha256(f"{seed}/{phase}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def config_fingerprint(cfg: ExperimentConfig) -> str:
@@ -78,22 +86,25 @@ class StepBatchSampler(Sampler[list[int]]):
     """Yields this process's micro-batches for micro-steps `start, start+1, …, total-1`.
 
     Micro-step m belongs to epoch e = m // per_epoch, whose order is a permutation seeded by
-    (seed, e); the global batch of m is split between processes by rank.
+    (seed, e); the global batch of m is split between processes by rank. An epoch holds whole
+    optimizer steps of `accumulate` micro-steps, so k processes, k accumulated micro-batches and
+    one k-times larger batch all cut the same images into the same optimizer steps.
     """
 
     def __init__(
-        self, size: int, batch_size: int, seed: int, total: int, rank: int = 0, world: int = 1
+        self, size: int, batch_size: int, seed: int, total: int, rank: int = 0, world: int = 1,
+        accumulate: int = 1,
     ) -> None:
-        if size < batch_size * world:
-            raise ValueError(
+        if size < batch_size * world * accumulate:
+            raise ConfigError(
                 f"The training split has {size} images, fewer than one global batch "
-                f"({batch_size} x {world} processes): lower train.batch_size."
+                f"({batch_size} x {world} processes x {accumulate} accumulated): lower train.batch_size."
             )
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.total, self.rank, self.world = total, rank, world
         self.start = 0
         self.global_batch = batch_size * world
-        self.per_epoch = size // self.global_batch
+        self.per_epoch = size // (self.global_batch * accumulate) * accumulate
 
     def _order(self, epoch: int) -> Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -115,10 +126,16 @@ class StepBatchSampler(Sampler[list[int]]):
 
 
 class ShardSampler(Sampler[int]):
-    """Evaluation order: process r takes images r, r+world, … — every image exactly once."""
+    """Evaluation order: the images cut into batches of `batch_size` and process r takes batches
+    r, r+world, … — every image exactly once, and each batch holds the same images whatever the
+    number of processes."""
 
-    def __init__(self, size: int, rank: int = 0, world: int = 1, limit: int | None = None) -> None:
-        self.indices = list(range(size if limit is None else min(size, limit)))[rank::world]
+    def __init__(
+        self, size: int, rank: int = 0, world: int = 1, limit: int | None = None, batch_size: int = 1
+    ) -> None:
+        count = size if limit is None else min(size, limit)
+        starts = range(rank * batch_size, count, world * batch_size)
+        self.indices = [i for start in starts for i in range(start, min(start + batch_size, count))]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -139,32 +156,66 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            torch.save(checkpoint, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: keep the previous checkpoint, drop the half
+            raise
+
+
+class StepCheckpoint(pl.Callback):
+    """Writes `path` every `every` optimizer steps. At a step that also validates, it waits for the
+    validation, so the checkpoint's curves hold that step's validation row: a run resumed from it
+    writes the same curves as an uninterrupted one."""
+
+    def __init__(self, path: Path, every: int, val_every: int | None) -> None:
+        self.path, self.every, self.val_every = Path(path), every, val_every
+        self._saved_step = 0
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every == 0 and step != self._saved_step:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self._saved_step = step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._saved_step = trainer.global_step  # a resumed run starts from a saved step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # only right after an optimizer step: never in the middle of accumulated micro-batches
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if stepped and (self.val_every is None or trainer.global_step % self.val_every != 0):
+            self._save(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save(trainer)
 
 
 def resumable_checkpoint(ckpt_dir: Path, fingerprint: str, stale_dir: Path) -> Path | None:
     """The checkpoint to resume from, if one exists and was made with this configuration.
 
-    A checkpoint from another configuration is moved to `stale_dir` (never resumed)."""
+    A checkpoint from another configuration, or one that cannot be read, is moved to `stale_dir`
+    (never resumed)."""
+    for partial in ckpt_dir.glob(".*.ckpt.tmp"):  # a save cut short by a kill
+        partial.unlink(missing_ok=True)
     path = ckpt_dir / LAST_CHECKPOINT
     if not path.exists():
         return None
     try:
         found = torch.load(path, map_location="cpu", weights_only=False).get("sdn_fingerprint")
+        why = f"was made with a different configuration ({found} != {fingerprint})"
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is set aside
-        found = f"unreadable ({type(err).__name__})"
+        found, why = "unreadable", f"cannot be read ({type(err).__name__}: {str(err)[:200]})"
     if found == fingerprint:
         return path
     stale_dir.mkdir(parents=True, exist_ok=True)
-    target = stale_dir / f"{ckpt_dir.name}-{str(found)[:16].replace(' ', '_')}.ckpt"
+    target = stale_dir / f"{ckpt_dir.name}-{found}.ckpt"
     os.replace(path, target)
-    print(
-        f"[sdn] {path} was made with a different configuration ({found} != {fingerprint}); "
-        f"moved it to {target} and training starts from scratch."
-    )
+    print(f"[sdn] {path} {why}; moved it to {target} and training starts from scratch.")
     return None
 
 
@@ -204,6 +255,7 @@ class VAEModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        self._seed_micro_batch(batch_idx)
         if self.cfg.flip:
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
@@ -234,6 +286,15 @@ class VAEModule(pl.LightningModule):
                 })
         return loss
 
+    def _seed_micro_batch(self, batch_idx: int) -> None:
+        """Flips and posterior noise depend only on the seed and the micro-batch's place in the
+        run, numbered as `StepBatchSampler` deals the images: DDP ranks draw what one process
+        accumulating the same micro-batches draws, and a resumed run what an uninterrupted one does."""
+        trainer = self.trainer
+        k = trainer.accumulate_grad_batches
+        micro = (self.global_step * k + batch_idx % k) * trainer.world_size + trainer.global_rank
+        torch.manual_seed(noise_seed(self.cfg.seed, "train", micro))
+
     def _is_last_micro_batch(self, batch_idx: int) -> bool:
         k = self.trainer.accumulate_grad_batches
         return (batch_idx + 1) % k == 0
@@ -253,6 +314,16 @@ class VAEModule(pl.LightningModule):
     # -- validation (EMA weights) -----------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self._seed_validation_batch(0)
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # seeded ahead, so that a batch starts with the generator state it draws from
+        self._seed_validation_batch(batch_idx + 1)
+
+    def _seed_validation_batch(self, batch_idx: int) -> None:
+        """Numbered as ShardSampler deals the batches: the same noise on any number of processes."""
+        index = batch_idx * self.trainer.world_size + self.trainer.global_rank
+        torch.manual_seed(noise_seed(self.cfg.seed, "val", index))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -274,23 +345,27 @@ class VAEModule(pl.LightningModule):
 
     # -- checkpoint extras --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A step can turn the weights into NaN while its loss was still finite: never let such
+        # weights replace the last good checkpoint.
+        broken = [
+            name for name, value in checkpoint["state_dict"].items()
+            if value.is_floating_point() and not bool(torch.isfinite(value).all())
+        ]
+        if broken:
+            raise NonFiniteLossError(
+                f"non-finite weights ({', '.join(broken[:3])}) after step {self.global_step} of "
+                f"{self.cfg.name}. Training stopped; the last good checkpoint is kept. Lower train.lr, "
+                "set train.gradient_clip_val, or use precision 32-true."
+            )
         checkpoint["sdn_fingerprint"] = config_fingerprint(self.cfg)
         checkpoint["sdn_experiment"] = self.cfg.name
         checkpoint["sdn_curves"] = {"train": self.train_rows, "val": self.val_rows}
-        checkpoint["sdn_rng"] = torch.get_rng_state()
+        # no generator state: every batch seeds its own draws (_seed_micro_batch)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         curves = checkpoint.get("sdn_curves", {})
         self.train_rows = list(curves.get("train", []))
         self.val_rows = list(curves.get("val", []))
-        self._pending_rng = checkpoint.get("sdn_rng")
-
-    def on_train_start(self) -> None:
-        # Restored here, after Lightning's own set-up has drawn from the generator, so the
-        # resumed run draws the same posterior noise and flips as the uninterrupted one.
-        if getattr(self, "_pending_rng", None) is not None:
-            torch.set_rng_state(self._pending_rng)
-            self._pending_rng = None
 
 
 def load_ema_model(cfg: ExperimentConfig, ckpt_path: Path) -> nn.Module:
@@ -299,9 +374,15 @@ def load_ema_model(cfg: ExperimentConfig, ckpt_path: Path) -> nn.Module:
         raise FileNotFoundError(
             f"{ckpt_path} not found: train the experiment first (dvc repro train@{cfg.name})."
         )
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if checkpoint.get("sdn_fingerprint") != config_fingerprint(cfg):
-        raise RuntimeError(
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch raises several kinds for a damaged file
+        raise CheckpointError(
+            f"{ckpt_path} cannot be read ({type(err).__name__}: {str(err)[:200]}): re-run training "
+            f"(dvc repro train@{cfg.name})."
+        ) from err
+    if not isinstance(checkpoint, dict) or checkpoint.get("sdn_fingerprint") != config_fingerprint(cfg):
+        raise CheckpointError(
             f"{ckpt_path} was trained with a different configuration than experiments.{cfg.name} "
             f"in params.yaml: re-run training (dvc repro train@{cfg.name})."
         )
@@ -322,14 +403,36 @@ def _dataset(lmdb_dir: Path, split: str, dataset: str):
         raise FileNotFoundError(
             f"{path} not found: convert the dataset first (dvc repro convert@{dataset})."
         )
+    _check_not_truncated(path, dataset)
     return LMDBImageDataset(path)
 
 
+def _check_not_truncated(path: Path, dataset: str) -> None:
+    """LMDB maps its file into memory, so reading a page past the end of a truncated file kills
+    the process with SIGBUS instead of raising: compare the file with the size LMDB recorded."""
+    from sdn.data import DatasetError
+    from sdn.data.lmdb_store import _environment
+
+    data_file = path / "data.mdb"
+    if not data_file.is_file():
+        return  # the reader reports the missing file with its own message
+    env = _environment(path)
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = data_file.stat().st_size
+    if size < needed:
+        raise DatasetError(
+            f"{data_file} is truncated ({size} bytes, the database needs {needed}): delete "
+            f"{path.parent} and rebuild it with `dvc repro convert@{dataset}`."
+        )
+
+
 def _check_image_shape(dataset, cfg: ExperimentConfig, split: str) -> None:
+    from sdn.data import DatasetError
+
     expected = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     found = tuple(dataset[0][0].shape)
     if found != expected:
-        raise ValueError(
+        raise DatasetError(
             f"{cfg.dataset}/{split} holds images of shape {found} but experiments.{cfg.name} expects "
             f"{expected} (from datasets.{cfg.dataset}.image_size/channels): fix params.yaml or re-run "
             f"dvc repro convert@{cfg.dataset}."
@@ -341,8 +444,20 @@ def write_csv_atomic(rows: list[dict[str, float]], path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    try:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _strategy(name: str) -> str:
+    # The top ladder layer's bottom-up output is not used by the loss (as released), so DDP must
+    # look for unused parameters or it stops at the first step.
+    if name in ("ddp", "ddp_spawn"):
+        return f"{name}_find_unused_parameters_true"
+    return name
 
 
 def train_experiment(
@@ -354,7 +469,6 @@ def train_experiment(
     extra_callbacks: list[pl.Callback] | None = None,
 ) -> VAEModule:
     """Train (or resume) one experiment; writes `last.ckpt` and the training curves."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -365,22 +479,20 @@ def train_experiment(
 
     trainer_cfg, train = cfg.trainer, cfg.train
     k = train.accumulate_grad_batches
-    devices = trainer_cfg.devices
-    world = (devices if isinstance(devices, int) else 1) * trainer_cfg.num_nodes
-    steps_per_epoch = len(train_set) // (train.batch_size * world * k)
-    fingerprint = config_fingerprint(cfg)
-    resume = resumable_checkpoint(ckpt_dir, fingerprint, stale_dir)
+    resume = resumable_checkpoint(ckpt_dir, config_fingerprint(cfg), stale_dir)
 
-    module = VAEModule(cfg, steps_per_epoch=steps_per_epoch)
-    checkpointing = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="step{step}", every_n_train_steps=train.ckpt_every_steps,
-        save_top_k=0, save_last=True, auto_insert_metric_name=False,
+    # val_batches counts batches of the whole validation, not of each process: every run of an
+    # experiment, on any number of processes, validates on the same images, each exactly once.
+    val_limit = None if train.val_batches is None else train.val_batches * cfg.evaluate.batch_size
+    validates = val_limit != 0
+    checkpointing = StepCheckpoint(
+        ckpt_dir / LAST_CHECKPOINT, train.ckpt_every_steps, train.val_every_steps if validates else None
     )
     trainer = pl.Trainer(
         accelerator=trainer_cfg.accelerator,
-        devices=devices,
+        devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
-        strategy=trainer_cfg.strategy,
+        strategy=_strategy(trainer_cfg.strategy),
         precision=trainer_cfg.precision,
         deterministic=trainer_cfg.deterministic,
         max_steps=train.max_steps,
@@ -389,12 +501,13 @@ def train_experiment(
         gradient_clip_val=train.gradient_clip_val,
         val_check_interval=train.val_every_steps * k,
         check_val_every_n_epoch=None,
-        limit_val_batches=train.val_batches if train.val_batches is not None else 1.0,
+        limit_val_batches=1.0 if validates else 0,
         num_sanity_val_steps=0,
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         enable_progress_bar=trainer_cfg.progress_bar,
         enable_model_summary=False,
         logger=False,
+        enable_checkpointing=False,  # StepCheckpoint writes last.ckpt
         callbacks=[checkpointing, *(extra_callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
@@ -406,19 +519,26 @@ def train_experiment(
         print(f"[sdn] resuming {cfg.name} from {resume} at step {start_step}")
     sampler = StepBatchSampler(
         len(train_set), train.batch_size, cfg.seed, total=train.max_steps * k,
-        rank=trainer.global_rank, world=trainer.world_size,
+        rank=trainer.global_rank, world=trainer.world_size, accumulate=k,
     )
     sampler.start = start_step * k
+    module = VAEModule(cfg, steps_per_epoch=sampler.per_epoch // k)
     workers = trainer_cfg.num_workers
     train_loader = DataLoader(
         train_set, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0
     )
     val_loader = DataLoader(
         val_set, batch_size=cfg.evaluate.batch_size, num_workers=workers,
-        sampler=ShardSampler(len(val_set), trainer.global_rank, trainer.world_size),
+        sampler=ShardSampler(
+            len(val_set), trainer.global_rank, trainer.world_size, limit=val_limit,
+            batch_size=cfg.evaluate.batch_size,
+        ),
     )
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None)
-    trainer.save_checkpoint(ckpt_dir / LAST_CHECKPOINT)
+    with warnings.catch_warnings():
+        # Lightning cannot see that StepBatchSampler restarts at the checkpoint's step
+        warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch")
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None)
+    trainer.save_checkpoint(ckpt_dir / LAST_CHECKPOINT, weights_only=False)
     if trainer.is_global_zero:
         write_csv_atomic(module.train_rows, metrics_dir / "train.csv")
         write_csv_atomic(module.val_rows, metrics_dir / "val.csv")

@@ -306,6 +306,7 @@ def test_impossible_value(name, keys, value, key, expected):
 
 def test_downsampling_an_odd_map():
     params = edited(("datasets", "photos32", "image_size"), 12)
+    params["experiments"][DENSITY]["model"]["downsample_first"] = False
     params["experiments"][DENSITY]["model"]["ds_list"] = [1, 2, 3]  # 12 -> 6 -> 3 -> odd
     message = config_error(params, DENSITY)
     assert_names(message, f"experiments.{DENSITY}.model.ds_list", "layer 3", "odd 3x3 map")
@@ -321,6 +322,7 @@ def test_downsample_first_needs_an_even_image():
 def test_28x28_images_are_padded_before_downsampling():
     # 28 + 2*2 = 32 -> 16 -> 8 -> 4: never odd (28 -> 14 -> 7 would be)
     params = edited(("datasets", "photos32", "image_size"), 28)
+    params["experiments"][DENSITY]["model"]["downsample_first"] = False
     params["experiments"][DENSITY]["model"]["ds_list"] = [0, 1, 2]
     assert experiment_config(params, DENSITY).model.image_size == 28
 

@@ -22,8 +22,12 @@ from sdn.training import LAST_CHECKPOINT, ShardSampler, _check_image_shape, _dat
 def write_json_atomic(data: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # metrics/ is in git: leave no half-written file there
+        raise
 
 
 def _load(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, split: str):
@@ -127,7 +131,9 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
             ]
             save(torch.cat(rows), f"interpolation_l{layers}.png", sc.interpolation_steps + 2)
         save(
-            pictures.neighbourhood(model, x[:4], sc.neighbourhood_layers, n - 1, sc.neighbourhood_temperature),
+            pictures.neighbourhood(
+                model, x[:4], sc.neighbourhood_layers, n - 1, sc.neighbourhood_temperature
+            ),
             "neighbourhood.png", n,
         )
         save(_nearest(cfg, model, lmdb_dir), "nearest_train.png", sc.nearest_k + 1)

@@ -142,7 +142,13 @@ class DensityVAE(nn.Module):
         self.last_uses_sdn = cfg.sdn_max_scale >= cfg.image_size
         if self.last_uses_sdn:
             self.last_layer = ResSDNLayer(
-                cfg.h_size, out_channels, cfg.sdn_nfeat_0, directions.take(4), k, s, p,
+                cfg.h_size,
+                out_channels,
+                cfg.sdn_nfeat_0,
+                directions.take(4),
+                k,
+                s,
+                p,
                 upsample=cfg.downsample_first,
             )
         else:

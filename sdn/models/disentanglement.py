@@ -25,22 +25,30 @@ class DisentanglementVAE(nn.Module):
     def __init__(self, cfg: DisentanglementConfig) -> None:
         super().__init__()
         if cfg.image_size != 64:
-            raise ValueError(f"DisentanglementVAE is built for 64x64 images, got image_size={cfg.image_size}.")
+            raise ValueError(
+                f"DisentanglementVAE is built for 64x64 images, got image_size={cfg.image_size}."
+            )
         self.cfg = cfg
         self.obs = build_observation(cfg.obs_model, cfg.channels, cfg.mix_components, cfg.nbits)
         self.encoder = nn.Sequential(
-            nn.Conv2d(cfg.channels, 32, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(cfg.channels, 32, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 4, 2, 1),
+            nn.ReLU(),
             nn.Flatten(),
             nn.Linear(64 * 4 * 4, 2 * cfg.z_size),
         )
         directions = DirectionCycle()
         features = cfg.sdn_nfeat_0
         layers: list[nn.Module] = [
-            nn.Linear(cfg.z_size, 256), nn.ReLU(),
-            nn.Linear(256, 64 * 4 * 4), nn.ReLU(),
+            nn.Linear(cfg.z_size, 256),
+            nn.ReLU(),
+            nn.Linear(256, 64 * 4 * 4),
+            nn.ReLU(),
             nn.Unflatten(1, (64, 4, 4)),
         ]
         self.stage_uses_sdn = []
@@ -125,4 +133,3 @@ class DisentanglementVAE(nn.Module):
 def beta_schedule(step: int, beta_final: float, beta_rate: float) -> float:
     """β after `step` updates: β_t = min(β_final, β_{t−1} + β_rate·β_final), β_0 = 0."""
     return min(beta_final, step * beta_rate * beta_final)
-
