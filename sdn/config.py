@@ -188,9 +188,8 @@ def build_section(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) 
         if hints[f.name] is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not _type_ok(value, hints[f.name]):
-            raise ConfigError(
-                f"{where}.{f.name}: expected {_describe(hints[f.name])}, got {type(value).__name__} {value!r}."
-            )
+            found = f"{type(value).__name__} {value!r}"
+            raise ConfigError(f"{where}.{f.name}: expected {_describe(hints[f.name])}, got {found}.")
         values[f.name] = value
     return values
 

@@ -34,12 +34,13 @@ def micro_params(params: dict[str, Any]) -> dict[str, Any]:
     for dataset, override in MICRO_DATASETS.items():
         params["datasets"][dataset].update(override)
     params["trainer"]["progress_bar"] = False
-    for name, exp in params["experiments"].items():
+    for exp in params["experiments"].values():
         if exp["dataset"] not in MICRO_DATASETS:
             continue
         model = exp["model"]
         if model["kind"] == "density":
-            model.update({k: v for k, v in MICRO_DENSITY.items() if k != "sdn_nfeat_0" or model["sdn_nfeat_0"]})
+            keep_cnn = {k: v for k, v in MICRO_DENSITY.items() if k != "sdn_nfeat_0" or model["sdn_nfeat_0"]}
+            model.update(keep_cnn)
         else:
             model.update({"z_size": 3, "sdn_nfeat_0": 8 if model["sdn_nfeat_0"] else 0})
         exp["train"].update(MICRO_TRAIN)
@@ -94,7 +95,9 @@ class Project:
         text = yaml.dump(params, Dumper=_PlainDumper, sort_keys=False)
         (self.root / "params.yaml").write_text(text)
 
-    def run(self, *args: str, check: bool = True, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 600, **kwargs
+    ) -> subprocess.CompletedProcess:
         result = subprocess.run(
             list(args), cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout, **kwargs
         )
