@@ -60,7 +60,8 @@ class _PlainDumper(yaml.SafeDumper):
 
 
 class Project:
-    """A copy of the repository (tracked and untracked-but-not-ignored files) in its own git repo."""
+    """A copy of the repository's code and configuration (tracked and untracked-but-not-ignored
+    files, without the committed results) in its own git repo."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -69,6 +70,8 @@ class Project:
             capture_output=True, text=True,
         ).stdout.split("\0")
         for name in filter(None, files):
+            if name == "dvc.lock" or name.startswith("metrics/"):
+                continue  # the committed results belong to the full-size runs, not these micro ones
             source = REPO / name
             if source.is_file():
                 target = root / name
