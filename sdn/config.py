@@ -76,18 +76,23 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
+    """Optimisation. The defaults are the release's density regime; its β-VAE regime is
+    `weight_norm: false`, `ema_coef: null`, `lrate_decay: 1.0` (and `precision: 32-true`)."""
+
     batch_size: int = 32
     max_steps: int = 1000
     lr: float = 0.002
-    lrate_decay: float = 1.0
-    ema_coef: float = 0.999
+    lrate_decay: float = 1.0  # ExponentialLR factor per epoch; 1.0 keeps the rate constant
+    ema_coef: float | None = 0.999  # null: no EMA; validation, evaluation and sampling use the raw weights
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     val_every_steps: int = 500
     val_batches: int | None = None
     ckpt_every_steps: int = 500
+    # "orthogonal": the release's init (conv weights orthogonal, Linear weights N(0, 0.02), biases
+    # keep PyTorch's init); "default": PyTorch's init throughout.
     init: str = "orthogonal"
-    weight_norm: bool = True
+    weight_norm: bool = True  # g and v per output channel of every conv, as released
 
 
 @dataclass
@@ -329,7 +334,11 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
         )
     _require(train.lr > 0, f"{where}.train.lr", "must be positive.")
     _require(0 < train.lrate_decay <= 1, f"{where}.train.lrate_decay", "must lie in (0, 1].")
-    _require(0 <= train.ema_coef < 1, f"{where}.train.ema_coef", "must lie in [0, 1).")
+    _require(
+        train.ema_coef is None or 0 <= train.ema_coef < 1,
+        f"{where}.train.ema_coef",
+        "must lie in [0, 1), or be null for no EMA.",
+    )
     _choice(train.init, ("orthogonal", "default"), f"{where}.train.init")
 
     evaluate = EvaluateConfig(**build_section(EvaluateConfig, raw.get("evaluate"), f"{where}.evaluate"))

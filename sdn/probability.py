@@ -15,7 +15,8 @@ Latents (spec section 2):
 Observations (images are uint8 in 0..255; ``preprocess`` maps them to the model's data space):
 
 * ``DiscretizedMixLogistic`` (DML, PixelCNN++): data in [-1, 1].
-* ``DiscretizedLogistic`` (DL): data in [-0.5, 0.5], one learned global log-scale.
+* ``DiscretizedLogistic`` (DL): data in [-0.5, 0.5], one learned global log-scale, as released
+  (not exactly normalised).
 * ``Bernoulli``: data in {0, 1}.
 """
 
@@ -61,13 +62,6 @@ def _logistic_noise(like: Tensor) -> Tensor:
     return torch.log(uniform) - torch.log1p(-uniform)
 
 
-def gaussian_kl(mean_q: Tensor, logvar_q: Tensor, mean_p: Tensor, logvar_p: Tensor) -> Tensor:
-    """Elementwise KL(N(mean_q, exp(logvar_q)) || N(mean_p, exp(logvar_p)))."""
-    return 0.5 * (
-        logvar_p - logvar_q + (torch.exp(logvar_q) + (mean_q - mean_p) ** 2) * torch.exp(-logvar_p) - 1.0
-    )
-
-
 def _gaussian_log_prob(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
     return -0.5 * (logvar + LOG_2PI + (z - mean) ** 2 * torch.exp(-logvar))
 
@@ -106,6 +100,11 @@ class MaskedConv2d(nn.Conv2d):
     after the centre. There is no masking across channels. The mask is applied to
     ``self.weight`` in every forward (not once to the data), so orthogonal initialisation and
     weight normalisation applied later to this module keep the autoregressive property.
+
+    As released, the masked taps are zeroed in the weight's value only: the convolution's
+    gradient reaches them too, and through them weight normalisation's g and v (the release
+    zeroes ``weight.data`` in place, which autograd does not see). The output, and the gradient
+    with respect to the input, are those of the masked kernel.
     """
 
     mask: Tensor
@@ -121,7 +120,10 @@ class MaskedConv2d(nn.Conv2d):
         self.register_buffer("mask", mask)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding)
+        weight = self.weight
+        # value weight * mask, gradient with respect to `weight` unmasked (straight through)
+        masked = weight - (weight * (1 - self.mask)).detach()
+        return F.conv2d(x, masked, self.bias, self.stride, self.padding)
 
 
 class IAFPosterior(nn.Module):
@@ -238,9 +240,11 @@ class DiscretizedMixLogistic(ObservationModel):
     c2 * x_g``. Any other channel count has no coupling and no coefficients:
     ``P = M + 2*C*M``.
 
-    Temperature ``T``: the component is drawn from ``softmax(logits / T)`` (Gumbel-max) and
-    the logistic scale is multiplied by ``T``; ``T = 1`` samples the model, ``T = 0`` is the
-    mode.
+    Sampling and the mode as released: the component is drawn from ``softmax(logits)``
+    (Gumbel-max; the temperature does not sharpen it), the logistic scale is multiplied by the
+    temperature ``T``, and each channel is coupled to the earlier channels' continuous values
+    clamped to [-1, 1]; only the finished image is snapped to the grid. The mode takes the most
+    likely component's means, coupled the same way. ``T = 0`` gives the mode.
     """
 
     def __init__(self, channels: int = 3, mix_components: int = 10, nbits: int = 8) -> None:
@@ -326,8 +330,7 @@ class DiscretizedMixLogistic(ObservationModel):
         logits, means, log_scales, coeffs = self._unpack(params)
         if temperature > 0:
             uniform = torch.rand_like(logits).clamp(1e-5, 1.0 - 1e-5)
-            # Gumbel-max with noise scaled by T draws from softmax(logits / T).
-            logits = logits - temperature * torch.log(-torch.log(uniform))
+            logits = logits - torch.log(-torch.log(uniform))  # Gumbel-max: a draw from softmax(logits)
         component = logits.argmax(dim=1)[:, None, None]  # (B, 1, 1, H, W)
 
         def pick(per_component: Tensor) -> Tensor:
@@ -340,36 +343,42 @@ class DiscretizedMixLogistic(ObservationModel):
         coeffs = pick(coeffs) if coeffs is not None else None
         drawn: list[Tensor] = []
         for channel in range(self.channels):
-            # Later channels are coupled to the earlier ones' quantised values, as in log_prob.
-            value = self._couple(channel, mean[:, channel], coeffs, drawn)
-            drawn.append(self._to_data(self._to_levels(value)))
-        return torch.stack(drawn, dim=1)
+            drawn.append(self._couple(channel, mean[:, channel], coeffs, drawn).clamp(-1.0, 1.0))
+        return self._to_data(self._to_levels(torch.stack(drawn, dim=1)))
 
     def sample(self, params: Tensor, temperature: float = 1.0) -> Tensor:
         _check_temperature(temperature)
         return self._draw(params, temperature)
 
     def mode(self, params: Tensor) -> Tensor:
-        """Centre of the most likely component, channels coupled and snapped to the grid."""
+        """Centre of the most likely component, channels coupled, snapped to the grid."""
         return self._draw(params, 0.0)
 
 
 class DiscretizedLogistic(ObservationModel):
-    """One discretised logistic per sub-pixel with a single learned global log-scale.
+    """One discretised logistic per sub-pixel with a single learned global log-scale, as released.
 
-    Data: ``2^nbits`` bins of width ``1 / 2^nbits`` tiling [-0.5, 0.5]; a value is its bin's
-    centre, ``x = (level + 0.5) / 2^nbits - 0.5``, and the end bins extend to infinity so the
-    probabilities sum to one. Params are the means, one channel per image channel.
+    Data: ``x = level / (2^nbits - 1) - 0.5`` for ``level = floor(pixel / 2^(8 - nbits))``, so
+    [-0.5, 0.5]. Params are the means, one channel per image channel, clamped to
+    ``±(0.5 - 1/512)``. With ``s = exp(log_scale)`` a value scores
+    ``log(σ((x - μ + 1/2^nbits) / s) - σ((x - μ) / s) + 1e-7)``: the one-sided bin
+    ``[x, x + 1/2^nbits]``. This is not an exactly normalised likelihood: the bins are narrower
+    than the spacing of the data (``1/2^nbits`` against ``1/(2^nbits - 1)``), the end bins do
+    not extend to infinity, and ``1e-7`` is added to every bin.
 
-    Temperature ``T`` multiplies the logistic scale; ``T = 0`` is the mode (the mean snapped
-    to the nearest bin).
+    Temperature ``T`` multiplies the logistic scale of a draw, which is snapped to the nearest
+    grid value (the release has no DL sampling); ``T = 0`` is the mode, the clamped mean
+    snapped to the grid.
     """
+
+    MEAN_LIMIT = 0.5 - 1.0 / 512.0
 
     def __init__(self, nbits: int = 8) -> None:
         super().__init__()
         _check_nbits(nbits)
         self.nbits = nbits
-        self.num_levels = 2**nbits
+        self.max_level = 2**nbits - 1
+        self.bin_width = 1.0 / 2**nbits
         self.log_scale = nn.Parameter(torch.zeros(()))
 
     def num_params(self, channels: int) -> int:
@@ -379,40 +388,34 @@ class DiscretizedLogistic(ObservationModel):
         return self._to_data(_quantise(images, self.nbits))
 
     def postprocess(self, x: Tensor) -> Tensor:
-        return self._to_levels(x) / (self.num_levels - 1)
+        return self._to_levels(x) / self.max_level
 
     def _to_data(self, levels: Tensor) -> Tensor:
-        return (levels + 0.5) / self.num_levels - 0.5
+        return levels / self.max_level - 0.5
 
     def _to_levels(self, x: Tensor) -> Tensor:
-        return torch.round((x + 0.5) * self.num_levels - 0.5).clamp(0, self.num_levels - 1)
+        return torch.round((x + 0.5) * self.max_level).clamp(0, self.max_level)
+
+    def _mean(self, params: Tensor) -> Tensor:
+        return params.clamp(-self.MEAN_LIMIT, self.MEAN_LIMIT)
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
         x, params = _at_least_float32(x), _at_least_float32(params)
-        inv_scale = torch.exp(-_at_least_float32(self.log_scale))
-        half_bin = 0.5 / self.num_levels
-        upper = (x - params + half_bin) * inv_scale
-        lower = (x - params - half_bin) * inv_scale
-        lowest, highest = x < -0.5 + 2 * half_bin, x > 0.5 - 2 * half_bin
-        # sigmoid(u) - sigmoid(l) = sigmoid(u) * sigmoid(-l) * (1 - exp(l - u)): stable in
-        # both tails without a fallback; the end bins drop the factors of their open side.
-        zero = torch.zeros_like(upper)
-        log_upper = torch.where(highest, zero, -F.softplus(-upper))
-        log_lower = torch.where(lowest, zero, -F.softplus(lower))
-        log_width = torch.log(-torch.expm1(-2 * half_bin * inv_scale))
-        log_width = torch.where(lowest | highest, zero, log_width)
-        return (log_upper + log_lower + log_width).flatten(1).sum(dim=1)
+        scale = torch.exp(_at_least_float32(self.log_scale))
+        lower = (x - self._mean(params)) / scale
+        mass = torch.sigmoid(lower + self.bin_width / scale) - torch.sigmoid(lower)
+        return torch.log(mass + 1e-7).flatten(1).sum(dim=1)
 
     def sample(self, params: Tensor, temperature: float = 1.0) -> Tensor:
         _check_temperature(temperature)
         if temperature == 0:
             return self.mode(params)
         noise = temperature * torch.exp(self.log_scale) * _logistic_noise(params)
-        return self._to_data(self._to_levels(params + noise))
+        return self._to_data(self._to_levels(self._mean(params) + noise))
 
     def mode(self, params: Tensor) -> Tensor:
-        """The mean snapped to the nearest bin centre."""
-        return self._to_data(self._to_levels(params))
+        """The clamped mean snapped to the nearest grid value."""
+        return self._to_data(self._to_levels(self._mean(params)))
 
 
 class Bernoulli(ObservationModel):

@@ -38,16 +38,23 @@ LAST_CHECKPOINT = "last.ckpt"
 
 
 def prepare_model(model: nn.Module, train: TrainConfig) -> nn.Module:
-    """Orthogonal init of conv weights, then weight normalisation on every conv (as released)."""
+    """The release's initialisation, then weight normalisation on every conv (as released).
+
+    `train.init == "orthogonal"`: conv weights orthogonal, `Linear` weights N(0, 0.02); biases
+    keep PyTorch's default init. `train.weight_norm`: one gain g per output channel and the
+    direction v of each conv weight, which for `ConvTranspose2d` (weight shape (in, out, k, k))
+    means along dim 1. The release's density models are normalised, its β-VAE is not.
+    """
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     if train.init == "orthogonal":
         for conv in convs:
             nn.init.orthogonal_(conv.weight)
-            if conv.bias is not None:
-                nn.init.zeros_(conv.bias)
+        for linear in (m for m in model.modules() if isinstance(m, nn.Linear)):
+            nn.init.normal_(linear.weight, 0.0, 0.02)
     if train.weight_norm:
         for conv in convs:
-            torch.nn.utils.parametrizations.weight_norm(conv)
+            output_dim = 1 if isinstance(conv, nn.ConvTranspose2d) else 0
+            torch.nn.utils.parametrizations.weight_norm(conv, dim=output_dim)
     return model
 
 
@@ -233,7 +240,8 @@ class VAEModule(pl.LightningModule):
         self.model = prepare_model(build_model(cfg), cfg.train)
         # The averaged weights live in a frozen twin: they are saved with the checkpoint and
         # used for validation, evaluation and sampling, while training continues on the raw ones.
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        # A run without EMA (the release's β-VAE) has none and uses the raw weights throughout.
+        self.ema = None if cfg.train.ema_coef is None else copy.deepcopy(self.model).requires_grad_(False)
         self.dims = self.model.dims_per_image
         self.train_rows: list[dict[str, float]] = []
         self.val_rows: list[dict[str, float]] = []
@@ -303,15 +311,23 @@ class VAEModule(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self._update_ema()
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validation, evaluation and sampling use: the EMA twin, or the raw model
+        of a run without EMA."""
+        return self.model if self.ema is None else self.ema
+
     @torch.no_grad()
     def _update_ema(self) -> None:
+        if self.ema is None:
+            return
         coef = self.cfg.train.ema_coef
         for averaged, raw in zip(self.ema.parameters(), self.model.parameters(), strict=True):
             averaged.lerp_(raw.detach(), 1.0 - coef)
         for averaged, raw in zip(self.ema.buffers(), self.model.buffers(), strict=True):
             averaged.copy_(raw)
 
-    # -- validation (EMA weights) -----------------------------------------------------------------
+    # -- validation (EMA weights, or the raw ones without EMA) ------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         self._seed_validation_batch(0)
@@ -327,7 +343,8 @@ class VAEModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        out = self.ema(self.ema.obs.preprocess(images))
+        model = self.eval_model
+        out = model(model.obs.preprocess(images))
         self._val_sums += torch.stack([
             -out["elbo"].double().sum(), out["kl"].double().sum(),
             torch.tensor(float(len(images)), dtype=torch.float64, device=self.device),
@@ -369,7 +386,9 @@ class VAEModule(pl.LightningModule):
 
 
 def load_ema_model(cfg: ExperimentConfig, ckpt_path: Path) -> nn.Module:
-    """The EMA weights of a trained experiment, ready for evaluation (eval mode, on CPU)."""
+    """The weights a trained experiment is evaluated with, ready for evaluation (eval mode, on
+    CPU): the EMA weights, or for a run without EMA (`train.ema_coef: null`, the release's
+    β-VAE) the raw trained weights."""
     if not ckpt_path.exists():
         raise FileNotFoundError(
             f"{ckpt_path} not found: train the experiment first (dvc repro train@{cfg.name})."
@@ -388,7 +407,7 @@ def load_ema_model(cfg: ExperimentConfig, ckpt_path: Path) -> nn.Module:
         )
     module = VAEModule(cfg)
     module.load_state_dict(checkpoint["state_dict"])
-    return module.ema.eval()
+    return module.eval_model.eval()
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,18 +44,16 @@ def sample_grid(model, n: int, temperature: float) -> Tensor:
     return model.obs.postprocess(model.sample(n, temperature))
 
 
-def _lerp_weights(steps: int, device) -> Tensor:
-    return torch.linspace(0.0, 1.0, steps, device=device)
-
-
 @torch.no_grad()
 def interpolate_density(model, x_pair: Tensor, layers: int, steps: int, temperature: float) -> Tensor:
-    """Decode linear interpolations between two images' latents of the top `layers` ladder
-    layers; the remaining layers are drawn from the prior at `temperature`. Rows: first image,
-    `steps` interpolants (endpoints included), second image."""
-    latents = model.encode(x_pair)[:layers]
+    """As released (`evaluate.py --interpolation`): the latents of ladder layers 0..`layers`
+    counted from the top (`layers + 1` of them) are interpolated at i / (steps + 1), i = 1..steps;
+    the remaining layers are drawn from the prior at `temperature`. Rows: first image, the `steps`
+    interpolants, second image."""
+    latents = model.encode(x_pair)[: layers + 1]
     rows = []
-    for w in _lerp_weights(steps, x_pair.device):
+    for i in range(1, steps + 1):
+        w = i / (steps + 1)
         rows.append([(1 - w) * z[0:1] + w * z[1:2] for z in latents])
     decoded = torch.cat([model.decode(z, temperature=temperature, batch=1) for z in rows])
     return model.obs.postprocess(torch.cat([x_pair[0:1], decoded, x_pair[1:2]]))

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from sdn.layers import DirectionCycle, SDNLayer
 from sdn.models.configs import DisentanglementConfig
-from sdn.probability import build_observation, gaussian_kl
+from sdn.probability import build_observation
 
 # Decoder stages after the 4×4 reshape: (in channels, out channels, output scale).
 _STAGES = ((64, 64, 8), (64, 32, 16), (32, 32, 32), (32, None, 64))
@@ -82,12 +82,16 @@ class DisentanglementVAE(nn.Module):
         return mean, logvar
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """One posterior sample per image: `log_px`, analytic `kl` to N(0, I), `elbo`, `z`."""
+        """One posterior sample per image: `log_px`, `kl`, `elbo`, `z`.
+
+        As released, the KL to N(0, I) is the one-sample estimate log q(z|x) − log p(z) at the
+        drawn z (unbiased; the analytic KL is its expectation)."""
         mean, logvar = self.posterior_params(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        eps = torch.randn_like(mean)
+        z = mean + torch.exp(0.5 * logvar) * eps
         log_px = self.obs.log_prob(x, self.decoder(z))
-        zeros = torch.zeros_like(mean)
-        kl = gaussian_kl(mean, logvar, zeros, zeros).sum(1)
+        # log N(z; mean, σ) written with eps, minus log N(z; 0, 1); the 2π terms cancel
+        kl = (0.5 * (z**2 - eps**2) - 0.5 * logvar).sum(1)
         return {"log_px": log_px, "kl": kl, "elbo": log_px - kl, "z": z}
 
     def loss(self, out: dict[str, Tensor], beta: float) -> Tensor:
