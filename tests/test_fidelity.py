@@ -66,7 +66,8 @@ def release_gru(features: int) -> int:
 
 
 def release_sdn(cin: int, cout: int, features: int, dirs: int, k: int, wn: bool) -> int:
-    return release_conv(cin, features, k, wn) + dirs * release_gru(features) + release_conv(features, cout, 1, wn)
+    project_in, project_out = release_conv(cin, features, k, wn), release_conv(features, cout, 1, wn)
+    return project_in + dirs * release_gru(features) + project_out
 
 
 def release_res_sdn(cin: int, cout: int, features: int, dirs: int, k: int, wn: bool) -> int:
@@ -166,7 +167,8 @@ def test_weight_norm_is_per_output_channel_for_transposed_convs_too():
     assert transposed and plain
     for conv in transposed:  # weight (in, out, k, k): one gain per output channel, dim 1
         g, v = conv.parametrizations.weight.original0, conv.parametrizations.weight.original1
-        assert g.shape == (1, conv.out_channels, 1, 1) and v.shape == (conv.in_channels, conv.out_channels, 4, 4)
+        assert g.shape == (1, conv.out_channels, 1, 1)
+        assert v.shape == (conv.in_channels, conv.out_channels, 4, 4)
         norms = v.detach().transpose(0, 1).flatten(1).norm(dim=1)
         torch.testing.assert_close(conv.weight.detach().transpose(0, 1).flatten(1).norm(dim=1), g.flatten())
         torch.testing.assert_close(g.detach().flatten(), norms)  # g starts at |v|: the init is kept
@@ -221,6 +223,19 @@ def test_beta_vae_init_orthogonal_convs_normal_linears_default_biases():
         torch.testing.assert_close(gram, torch.eye(len(gram)), atol=1e-4, rtol=0)
 
 
+def random_images(count: int, size: int) -> Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
+
+
+def cpu_trainer(steps: int, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", max_steps=steps, max_epochs=-1, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
+        num_sanity_val_steps=0, **kwargs,
+    )
+
+
 def beta_vae_experiment():
     params = copy.deepcopy(PARAMS)
     experiment = params["experiments"]["sprites-sdn"]
@@ -234,11 +249,9 @@ def test_beta_vae_without_ema_validates_and_loads_the_raw_weights(tmp_path):
     pl.seed_everything(0, verbose=False)
     module = VAEModule(cfg, steps_per_epoch=1)
     assert module.ema is None and module.eval_model is module.model
-    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    images = random_images(4, 64)
     sampler = StepBatchSampler(4, 2, cfg.seed, total=3)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=3, max_epochs=-1, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
-                         num_sanity_val_steps=0)
+    trainer = cpu_trainer(3)
     start = [p.detach().clone() for p in module.model.parameters()]
     trainer.fit(module, DataLoader(TensorDataset(images), batch_sampler=sampler))
     assert any(not torch.equal(a, p) for a, p in zip(start, module.model.parameters(), strict=True))
@@ -416,7 +429,8 @@ def test_dml_mode_couples_channels_on_continuous_clamped_values():
     def snap(v: float) -> float:
         return round((v + 1) / 2 * 255) / 255 * 2 - 1
 
-    assert model8.mode(params8)[0, :, 0, 0].tolist() == pytest.approx([snap(r8), snap(g8), snap(b8)], abs=1e-6)
+    expected8 = [snap(r8), snap(g8), snap(b8)]
+    assert model8.mode(params8)[0, :, 0, 0].tolist() == pytest.approx(expected8, abs=1e-6)
 
 
 def test_dml_temperature_scales_the_noise_not_the_choice_of_component():
@@ -495,16 +509,14 @@ def test_amp_overflow_skips_the_step_and_training_goes_on():
     pl.seed_everything(0, verbose=False)
     module = VAEModule(cfg)
     start = [p.detach().clone() for p in module.model.parameters()]
-    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    images = random_images(16, 8)
     steps = 8
     recorder = StepRecorder()
     # Lightning's scaler starts at 2^16, which overflows this model's float16 backward: the scaler
     # must skip those steps and halve the scale until the gradients are finite, as on a GPU.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, max_epochs=-1, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
-                         num_sanity_val_steps=0, callbacks=[recorder],
-                         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    amp = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer = cpu_trainer(steps, callbacks=[recorder], plugins=[amp])
     sampler = StepBatchSampler(len(images), 4, cfg.seed, total=steps)
     trainer.fit(module, DataLoader(TensorDataset(images), batch_sampler=sampler))  # no NonFiniteLossError
     assert len(recorder.weights) == steps and trainer.global_step == steps
