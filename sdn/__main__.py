@@ -8,17 +8,24 @@ import sys
 
 
 def info(name: str) -> dict:
-    """Parameter count and ladder structure of an experiment's model; needs no data."""
+    """Parameter count and ladder structure of an experiment's model; needs no data.
+
+    The count is the release's `count_pars` after its weight norm: a normalised conv counts its
+    gains g (one per output channel) and directions v in place of its weight."""
+    import torch
+
     from sdn.config import build_model, experiment_config, load_params
     from sdn.training import count_parameters, prepare_model
 
     cfg = experiment_config(load_params(), name)
-    model = prepare_model(build_model(cfg), cfg.train)
+    with torch.device("meta"):  # shapes only: instant and without memory even for 10^8 weights
+        model = prepare_model(build_model(cfg), cfg.train)
     return {
         "experiment": name,
         "kind": cfg.kind,
         "dataset": cfg.dataset,
         "parameters": count_parameters(model),
+        "weight_norm": cfg.train.weight_norm,
         **model.describe(),
     }
 

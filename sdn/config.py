@@ -109,6 +109,7 @@ class EvaluateConfig:
 class SampleConfig:
     temperatures: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7])
     grid: int = 8
+    # as released: with il here, the latents of ladder layers 0..il from the top are interpolated
     interpolation_layers: list[int] = field(default_factory=lambda: [2])
     interpolation_steps: int = 6
     interpolation_temperature: float = 0.0
