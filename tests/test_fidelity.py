@@ -244,7 +244,7 @@ def beta_vae_experiment():
     return experiment_config(params, "sprites-sdn")
 
 
-def test_beta_vae_without_ema_validates_and_loads_the_raw_weights(tmp_path):
+def test_beta_vae_without_ema_trains_at_a_constant_rate_and_loads_the_raw_weights(tmp_path):
     cfg = beta_vae_experiment()
     pl.seed_everything(0, verbose=False)
     module = VAEModule(cfg, steps_per_epoch=1)
