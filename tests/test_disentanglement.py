@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from sdn.evaluation.disentanglement import beta_vae, dci, factor_vae, mig
+from sdn.evaluation.disentanglement import beta_vae, dci, factor_vae, mig, scores_with_errors
 
 FACTOR_SIZES = (3, 4, 5, 6, 4)
 CHANCE = 1 / len(FACTOR_SIZES)
@@ -13,7 +13,7 @@ CHANCE = 1 / len(FACTOR_SIZES)
 FAST = {
     beta_vae: {"num_train": 1000, "num_eval": 500},
     factor_vae: {"num_train": 1000, "num_eval": 500},
-    dci: {"n_estimators": 10},
+    dci: {"n_estimators": 10, "num_train": 1000, "num_test": 400},
 }
 
 
@@ -108,3 +108,60 @@ def test_any_integer_labels_are_accepted(
     assert mig(copied_code, relabelled) == mig(copied_code, factors)
     fast = FAST[factor_vae]
     assert factor_vae(random_code, relabelled, **fast) == factor_vae(random_code, factors, **fast)
+
+
+def test_dci_uses_the_asked_images(factors: np.ndarray, random_code: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=r"num_train \+ num_test = 1500 distinct images, the set holds 1440"):
+        dci(random_code, factors, num_train=1000, num_test=500)
+    # disentanglement_lib's sizes are the defaults
+    assert dci.__kwdefaults__["num_train"] == 10000 and dci.__kwdefaults__["num_test"] == 5000
+
+
+def test_mig_on_a_subset(factors: np.ndarray, copied_code: np.ndarray, random_code: np.ndarray) -> None:
+    assert mig(copied_code, factors, num_points=700, seed=1) > 0.9
+    assert mig(random_code, factors, num_points=700, seed=1) != mig(random_code, factors, num_points=700, seed=2)
+    with pytest.raises(ValueError, match="num_points=2000 asks for more images than the set holds"):
+        mig(copied_code, factors, num_points=2000)
+
+
+SMALL = {
+    "beta_vae_train": 300, "beta_vae_eval": 200, "factor_vae_train": 300, "factor_vae_eval": 200,
+    "mig_points": 1000, "dci_train": 300, "dci_test": 200, "dci_estimators": 10,
+}
+
+
+@pytest.fixture(scope="module")
+def scored(random_code: np.ndarray, factors: np.ndarray) -> dict[str, float]:
+    return scores_with_errors(random_code, factors, repeats=5, seed=7, **SMALL)
+
+
+def test_scores_come_with_standard_errors(scored: dict[str, float]) -> None:
+    names = ["beta_vae", "factor_vae", "mig", "dci_disentanglement", "dci_completeness", "dci_informativeness"]
+    assert set(scored) == set(names) | {f"{name}_se" for name in names}
+    for name in names:
+        assert 0 < scored[f"{name}_se"] < 0.2, (name, scored[f"{name}_se"])
+
+
+def test_random_scores_are_the_mean_of_seeded_draws(
+    scored: dict[str, float], random_code: np.ndarray, factors: np.ndarray
+) -> None:
+    draws = [beta_vae(random_code, factors, num_train=300, num_eval=200, seed=s) for s in range(7, 12)]
+    assert scored["beta_vae"] == pytest.approx(np.mean(draws), abs=1e-12)
+    assert scored["beta_vae_se"] == pytest.approx(np.std(draws, ddof=1) / np.sqrt(5), abs=1e-12)
+
+
+def test_mig_error_is_a_bootstrap(scored: dict[str, float], random_code: np.ndarray, factors: np.ndarray) -> None:
+    # the score itself is MIG on the chosen images, not an average of resamples
+    assert scored["mig"] == mig(random_code, factors, num_points=1000, seed=7)
+
+
+def test_standard_errors_shrink_with_larger_samples(random_code: np.ndarray, factors: np.ndarray) -> None:
+    larger = {**SMALL, "beta_vae_train": 2000, "beta_vae_eval": 2000}
+    small = scores_with_errors(random_code, factors, repeats=6, seed=0, **SMALL)
+    large = scores_with_errors(random_code, factors, repeats=6, seed=0, **larger)
+    assert large["beta_vae_se"] < small["beta_vae_se"]
+
+
+def test_one_repeat_has_no_error(random_code: np.ndarray, factors: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="repeats must be >= 2"):
+        scores_with_errors(random_code, factors, repeats=1, **SMALL)
