@@ -214,7 +214,12 @@ def _subset(num_images: int, num_points: int | None, rng: np.random.Generator, n
 
 
 def mig(
-    codes: np.ndarray, factors: np.ndarray, *, num_bins: int = 20, num_points: int | None = None, seed: int = 0
+    codes: np.ndarray,
+    factors: np.ndarray,
+    *,
+    num_bins: int = 20,
+    num_points: int | None = None,
+    seed: int = 0,
 ) -> float:
     """Mutual Information Gap (Chen et al., NeurIPS 2018), with disentanglement_lib's estimator.
 
@@ -368,9 +373,11 @@ def scores_with_errors(
         resample = np.random.default_rng(draw_seed).choice(mig_images, size=len(mig_images))
         draws.setdefault("mig_bootstrap", []).append(_mig(codes[resample], factors[resample], 20))
         steps.update()
-        for key, value in dci(
-            codes, factors, num_train=dci_train, num_test=dci_test, n_estimators=dci_estimators, seed=draw_seed
-        ).items():
+        scores = dci(
+            codes, factors, num_train=dci_train, num_test=dci_test, n_estimators=dci_estimators,
+            seed=draw_seed,
+        )
+        for key, value in scores.items():
             draws.setdefault(f"dci_{key}", []).append(value)
         steps.update()
     steps.close()

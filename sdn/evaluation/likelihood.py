@@ -133,9 +133,9 @@ def evaluate_density(
     ``kl_bpd`` (only when ``elbo_fn`` returns a dict with "kl") is that sample's KL. Bits/dim =
     nats / (``dims_per_image`` · ln 2), e.g. dims_per_image = C·H·W. Every value comes with its
     standard error over images (``*_se``: sample std / √n, which includes the sampling noise of
-    the estimators), so at least two images are needed. ``batches`` yields image tensors; ``elbo_fn`` gets (repeated) rows of them on their
-    device, so move them to the model's device in the iterable or in ``elbo_fn``. Returns plain
-    floats and ints, ready for ``json.dump``.
+    the estimators), so at least two images are needed. ``batches`` yields image tensors;
+    ``elbo_fn`` gets (repeated) rows of them on their device, so move them to the model's device
+    in the iterable or in ``elbo_fn``. Returns plain floats and ints, ready for ``json.dump``.
     """
     _check_sampling_args(num_samples, chunk_size)
     if dims_per_image < 1:
@@ -154,7 +154,9 @@ def evaluate_density(
             kls.append(kl)
     num_images = sum(v.numel() for v in elbos)
     if num_images < 2:
-        raise ValueError(f"evaluate_density needs at least 2 images for a standard error, got {num_images}.")
+        raise ValueError(
+            f"evaluate_density needs at least 2 images for a standard error, got {num_images}."
+        )
     if kls and len(kls) != len(elbos):
         raise ValueError("elbo_fn returned 'kl' for some batches but not for others.")
 
