@@ -1,11 +1,15 @@
 """Known answers for the disentanglement metrics: a code that copies the factors, a random code."""
 
 import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sdn.evaluation.disentanglement import beta_vae, dci, factor_vae, mig, scores_with_errors
+from sdn.evaluation.run import evaluate_experiment
+from tests.evaluation_workdir import EvaluationWorkdir, micro_experiment
 
 FACTOR_SIZES = (3, 4, 5, 6, 4)
 CHANCE = 1 / len(FACTOR_SIZES)
@@ -170,3 +174,14 @@ def test_standard_errors_shrink_with_larger_samples(random_code: np.ndarray, fac
 def test_one_repeat_has_no_error(random_code: np.ndarray, factors: np.ndarray) -> None:
     with pytest.raises(ValueError, match="repeats must be >= 2"):
         scores_with_errors(random_code, factors, repeats=1, **SMALL)
+
+
+def test_evaluate_writes_every_score_with_its_error(tmp_path: Path) -> None:
+    cfg = micro_experiment("sprites-cnn", evaluate={"disentanglement_repeats": 3})
+    work = EvaluationWorkdir(tmp_path, cfg, train_images=200)
+    evaluate_experiment(cfg, work.lmdb, work.ckpt, work.metrics)
+    written = json.loads((work.metrics / "eval.json").read_text())
+    for name in ("beta_vae", "factor_vae", "mig", "dci_disentanglement", "dci_completeness",
+                 "dci_informativeness", "neg_elbo_bpd", "nll_bpd", "kl_bpd"):
+        assert np.isfinite(written[name]) and written[f"{name}_se"] >= 0, name
+    assert written["disentanglement_images"] == 200

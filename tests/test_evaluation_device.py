@@ -37,7 +37,8 @@ def test_select_device(accelerator: str, devices, cuda_available: bool, expected
 
 @pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
 def test_asking_for_a_gpu_without_one_is_a_clear_error(accelerator: str) -> None:
-    with pytest.raises(ConfigError, match=f"trainer.accelerator: '{accelerator}' asks for a GPU but CUDA is not"):
+    message = f"trainer.accelerator: '{accelerator}' asks for a GPU but CUDA is not available"
+    with pytest.raises(ConfigError, match=message):
         select_device(accelerator, cuda_available=False)
 
 
