@@ -185,3 +185,7 @@ def test_evaluate_writes_every_score_with_its_error(tmp_path: Path) -> None:
                  "dci_informativeness", "neg_elbo_bpd", "nll_bpd", "kl_bpd"):
         assert np.isfinite(written[name]) and written[f"{name}_se"] >= 0, name
     assert written["disentanglement_images"] == 200
+
+
+def test_parallel_draws_give_the_same_scores(scored: dict[str, float], random_code, factors) -> None:
+    assert scores_with_errors(random_code, factors, repeats=5, seed=7, n_jobs=2, **SMALL) == scored

@@ -325,6 +325,28 @@ def dci(
     }
 
 
+def _one_draw(
+    codes: np.ndarray, factors: np.ndarray, mig_images: np.ndarray, seed: int, sizes: dict[str, int]
+) -> dict[str, float]:
+    """One seeded draw of every score (MIG: on a bootstrap resample of `mig_images`)."""
+    draw = {
+        "beta_vae": beta_vae(
+            codes, factors, num_train=sizes["beta_vae_train"], num_eval=sizes["beta_vae_eval"], seed=seed
+        ),
+        "factor_vae": factor_vae(
+            codes, factors, num_train=sizes["factor_vae_train"], num_eval=sizes["factor_vae_eval"], seed=seed
+        ),
+    }
+    resample = np.random.default_rng(seed).choice(mig_images, size=len(mig_images))
+    draw["mig_bootstrap"] = _mig(codes[resample], factors[resample], 20)
+    scores = dci(
+        codes, factors, num_train=sizes["dci_train"], num_test=sizes["dci_test"],
+        n_estimators=sizes["dci_estimators"], seed=seed,
+    )
+    draw.update({f"dci_{key}": value for key, value in scores.items()})
+    return draw
+
+
 def scores_with_errors(
     codes: np.ndarray,
     factors: np.ndarray,
@@ -339,6 +361,7 @@ def scores_with_errors(
     dci_train: int = 10000,
     dci_test: int = 5000,
     dci_estimators: int = 100,
+    n_jobs: int | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """All four scores of one code, each with its standard error (``<score>_se``).
@@ -350,39 +373,27 @@ def scores_with_errors(
     error is a bootstrap one: the std of MIG over ``repeats`` resamples (with replacement) of
     its ``mig_points`` images. Neither covers a retrained model: a rerun that trains to other
     weights (another machine's floating point) moves the scores by more than these errors.
-    Sample sizes default to disentanglement_lib's.
+    Sample sizes default to disentanglement_lib's. The draws run ``n_jobs`` at a time (joblib
+    semantics: None = 1, -1 = all cores); the results do not depend on it.
     """
     from tqdm import tqdm
 
     if repeats < 2:
         raise ValueError(f"repeats must be >= 2 to estimate a standard error, got {repeats}.")
     codes, factors = _validate(codes, factors, min_factors=2, min_dims=2)
-    draws: dict[str, list[float]] = {}
-    steps = tqdm(total=4 * repeats, desc="disentanglement", unit="fit", disable=not progress)
     mig_images = _subset(len(codes), mig_points, np.random.default_rng(seed), "mig_points")
-    for repeat in range(repeats):
-        draw_seed = seed + repeat
-        draws.setdefault("beta_vae", []).append(
-            beta_vae(codes, factors, num_train=beta_vae_train, num_eval=beta_vae_eval, seed=draw_seed)
-        )
-        steps.update()
-        draws.setdefault("factor_vae", []).append(
-            factor_vae(codes, factors, num_train=factor_vae_train, num_eval=factor_vae_eval, seed=draw_seed)
-        )
-        steps.update()
-        resample = np.random.default_rng(draw_seed).choice(mig_images, size=len(mig_images))
-        draws.setdefault("mig_bootstrap", []).append(_mig(codes[resample], factors[resample], 20))
-        steps.update()
-        scores = dci(
-            codes, factors, num_train=dci_train, num_test=dci_test, n_estimators=dci_estimators,
-            seed=draw_seed,
-        )
-        for key, value in scores.items():
-            draws.setdefault(f"dci_{key}", []).append(value)
-        steps.update()
-    steps.close()
+    sizes = {
+        "beta_vae_train": beta_vae_train, "beta_vae_eval": beta_vae_eval,
+        "factor_vae_train": factor_vae_train, "factor_vae_eval": factor_vae_eval,
+        "dci_train": dci_train, "dci_test": dci_test, "dci_estimators": dci_estimators,
+    }
+    jobs = Parallel(n_jobs=n_jobs, return_as="generator")(
+        delayed(_one_draw)(codes, factors, mig_images, seed + repeat, sizes) for repeat in range(repeats)
+    )
+    draws = list(tqdm(jobs, total=repeats, desc="disentanglement", unit="draw", disable=not progress))
     results: dict[str, float] = {}
-    for key, values in draws.items():
+    for key in draws[0]:
+        values = [draw[key] for draw in draws]
         if key == "mig_bootstrap":
             results["mig"] = _mig(codes[mig_images], factors[mig_images], 20)
             results["mig_se"] = float(np.std(values, ddof=1))

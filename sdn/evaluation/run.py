@@ -127,6 +127,7 @@ def disentanglement_scores(
         mig_points=None if ev.mig_points is None else min(ev.mig_points, count),
         dci_train=ev.dci_train,
         dci_test=ev.dci_test,
+        n_jobs=-1,  # independent seeded draws: the same scores on any number of cores
         progress=cfg.trainer.progress_bar,
     )
     return {**scores, "disentanglement_images": count}
