@@ -101,8 +101,17 @@ class EvaluateConfig:
     batch_size: int = 32
     chunk_size: int = 1024
     max_images: int | None = None
-    disentanglement_points: int = 5000
-    dci_points: int = 2000
+    # Disentanglement (β-VAEs): labelled training images encoded (null: all), the metrics'
+    # repeated draws for standard errors, and their sample sizes (defaults: disentanglement_lib's).
+    disentanglement_points: int | None = None
+    disentanglement_repeats: int = 5
+    beta_vae_train: int = 10000
+    beta_vae_eval: int = 5000
+    factor_vae_train: int = 10000
+    factor_vae_eval: int = 5000
+    mig_points: int | None = 10000
+    dci_train: int = 10000
+    dci_test: int = 5000
 
 
 @dataclass
@@ -262,6 +271,31 @@ def _check_disentanglement(cfg: DisentanglementConfig, where: str) -> None:
         _require(cfg.sdn_num_dirs >= 1, f"{where}.sdn_num_dirs", "SDN layers need at least 1 direction.")
 
 
+def _check_disentanglement_sizes(ev: EvaluateConfig, where: str) -> None:
+    for key in ("beta_vae_train", "beta_vae_eval", "factor_vae_train", "factor_vae_eval"):
+        _require(getattr(ev, key) >= 1, f"{where}.{key}", f"must be at least 1, got {getattr(ev, key)}.")
+    for key in ("dci_train", "dci_test"):
+        _require(getattr(ev, key) >= 1, f"{where}.{key}", f"must be at least 1, got {getattr(ev, key)}.")
+    _require(
+        ev.disentanglement_repeats >= 2, f"{where}.disentanglement_repeats",
+        f"must be at least 2 (a standard error needs two draws), got {ev.disentanglement_repeats}.",
+    )
+    if ev.mig_points is not None:
+        _require(ev.mig_points >= 2, f"{where}.mig_points", f"must be at least 2, got {ev.mig_points}.")
+    pool = ev.disentanglement_points
+    if pool is not None:
+        _require(pool >= 2, f"{where}.disentanglement_points", f"must be at least 2, got {pool}.")
+        _require(
+            ev.dci_train + ev.dci_test <= pool, f"{where}.dci_train",
+            f"dci_train + dci_test = {ev.dci_train + ev.dci_test} exceeds the {pool} encoded images "
+            "(disentanglement_points): lower them or raise disentanglement_points.",
+        )
+        _require(
+            ev.mig_points is None or ev.mig_points <= pool, f"{where}.mig_points",
+            f"{ev.mig_points} exceeds the {pool} encoded images (disentanglement_points).",
+        )
+
+
 def _dataset_shape(params: dict[str, Any], dataset: str, where: str) -> tuple[int, int, bool]:
     cfg = dataset_config(params, dataset)
     if not isinstance(cfg, dict):
@@ -345,6 +379,7 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     evaluate = EvaluateConfig(**build_section(EvaluateConfig, raw.get("evaluate"), f"{where}.evaluate"))
     _require(evaluate.iw_samples >= 1, f"{where}.evaluate.iw_samples", "must be at least 1.")
     _require(evaluate.chunk_size >= 1, f"{where}.evaluate.chunk_size", "must be at least 1.")
+    _check_disentanglement_sizes(evaluate, f"{where}.evaluate")
     sample = SampleConfig(**build_section(SampleConfig, raw.get("sample"), f"{where}.sample"))
     _require(
         all(t >= 0 for t in sample.temperatures), f"{where}.sample.temperatures", "must be non-negative."

@@ -25,7 +25,9 @@ MICRO_DENSITY = {"z_size": 2, "h_size": 8, "depth": 2, "ds_list": [0], "sdn_nfea
                  "mix_components": 2}
 MICRO_TRAIN = {"batch_size": 8, "max_steps": 4, "val_every_steps": 2, "val_batches": 1, "ckpt_every_steps": 2}
 MICRO_EVALUATE = {"iw_samples": 2, "batch_size": 16, "chunk_size": 32, "max_images": 16,
-                  "disentanglement_points": 200, "dci_points": 100}
+                  "disentanglement_points": 200, "disentanglement_repeats": 2, "beta_vae_train": 200,
+                  "beta_vae_eval": 100, "factor_vae_train": 200, "factor_vae_eval": 100, "mig_points": 200,
+                  "dci_train": 80, "dci_test": 40}
 MICRO_SAMPLE = {"grid": 2, "temperatures": [1.0]}
 
 

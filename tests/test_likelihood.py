@@ -141,17 +141,47 @@ def test_evaluate_density_bookkeeping() -> None:
     expected_elbo = (x**2).sum(1) / bits
     expected_kl = x.abs().sum(1) / bits
     assert set(results) == {
-        "elbo_bpd", "elbo_bpd_stderr", "nll_bpd", "nll_bpd_stderr",
-        "kl_bpd", "kl_bpd_stderr", "num_images", "num_samples",
+        "elbo_bpd", "elbo_bpd_se", "nll_bpd", "nll_bpd_se",
+        "kl_bpd", "kl_bpd_se", "num_images", "num_samples",
     }  # fmt: skip
     assert results["num_images"] == 15 and results["num_samples"] == 4
     assert results["elbo_bpd"] == pytest.approx(expected_elbo.mean().item(), rel=1e-12)
     assert results["nll_bpd"] == pytest.approx(expected_elbo.mean().item(), rel=1e-12)
     assert results["kl_bpd"] == pytest.approx(expected_kl.mean().item(), rel=1e-12)
-    assert results["elbo_bpd_stderr"] == pytest.approx(
+    assert results["elbo_bpd_se"] == pytest.approx(
         (expected_elbo.std() / math.sqrt(15)).item(), rel=1e-12
     )
     assert all(isinstance(v, float | int) for v in results.values())
+
+
+@pytest.mark.parametrize("chunk_size", [3, 8, 1000])
+def test_neg_elbo_is_one_sample_per_image(model: LinearGaussianVAE, chunk_size: int) -> None:
+    """As released: −ELBO from a single sample per image (here the first of the K), not the
+    mean of the K, and its KL from the same sample."""
+    num_images, num_samples = 8, 5
+    x = _data(model, num_images)
+    table = torch.randn(
+        num_images * num_samples, LATENT_DIM, generator=torch.Generator().manual_seed(4)
+    ).double()
+    cursor = 0
+
+    def draw_from_table(n: int) -> Tensor:
+        nonlocal cursor
+        cursor += n
+        return table[cursor - n : cursor]
+
+    model.draw_noise = draw_from_table
+    results = evaluate_density(
+        model.elbo, [x], num_samples=num_samples, chunk_size=chunk_size, dims_per_image=OBS_DIM
+    )
+    bits = OBS_DIM * math.log(2)
+    cursor = 0  # rows are sample-major: the first B rows are every image's first sample
+    first = model.elbo(x)
+    assert results["elbo_bpd"] == pytest.approx((-first["elbo"] / bits).mean().item(), rel=1e-12)
+    assert results["kl_bpd"] == pytest.approx((first["kl"] / bits).mean().item(), rel=1e-12)
+    cursor = 0
+    all_samples = model.elbo_tensor(x.repeat(num_samples, 1))
+    assert results["elbo_bpd"] != pytest.approx((-all_samples / bits).mean().item(), rel=1e-6)
 
 
 def test_evaluate_density_on_linear_gaussian(model: LinearGaussianVAE) -> None:

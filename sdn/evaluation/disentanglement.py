@@ -200,22 +200,51 @@ def factor_vae(
     return float(eval_votes[classifier, np.arange(num_dims)].sum() / eval_votes.sum())
 
 
-def mig(codes: np.ndarray, factors: np.ndarray, *, num_bins: int = 20) -> float:
+def _subset(num_images: int, num_points: int | None, rng: np.random.Generator, name: str) -> np.ndarray:
+    """``num_points`` distinct images chosen by ``rng`` (all of them, in order, for None)."""
+    if num_points is None:
+        return np.arange(num_images)
+    _check_positive(**{name: num_points})
+    if num_points > num_images:
+        raise ValueError(
+            f"{name}={num_points} asks for more images than the set holds ({num_images}): lower it "
+            "or encode more images."
+        )
+    return rng.permutation(num_images)[:num_points]
+
+
+def mig(
+    codes: np.ndarray,
+    factors: np.ndarray,
+    *,
+    num_bins: int = 20,
+    num_points: int | None = None,
+    seed: int = 0,
+) -> float:
     """Mutual Information Gap (Chen et al., NeurIPS 2018), with disentanglement_lib's estimator.
 
     Each code dimension is discretised into ``num_bins`` equal-width histogram bins; for each
     factor, the gap between the largest and second-largest mutual information with a code
     dimension is divided by the factor's entropy, and the gaps are averaged over factors.
     0 for a code independent of the factors; 1 when each factor is fully captured by a single
-    dimension. Deterministic (no sampling).
+    dimension. On ``num_points`` images chosen by ``seed`` (disentanglement_lib: 10000), or on
+    all of them (None), which involves no randomness.
     """
     codes, factors = _validate(codes, factors, min_dims=2)
     _check_positive(num_bins=num_bins)
+    keep = _subset(len(codes), num_points, np.random.default_rng(seed), "num_points")
+    return _mig(codes[keep], factors[keep], num_bins)
+
+
+def _mig(codes: np.ndarray, factors: np.ndarray, num_bins: int) -> float:
     binned = [np.digitize(column, np.histogram_bin_edges(column, num_bins)[:-1]) for column in codes.T]
     gaps = []
     for factor in factors.T:
+        entropy = mutual_info_score(factor, factor)
+        if entropy == 0:
+            raise ValueError("a factor takes a single value on the chosen images: use more images.")
         information = np.sort([mutual_info_score(factor, column) for column in binned])
-        gaps.append((information[-1] - information[-2]) / mutual_info_score(factor, factor))
+        gaps.append((information[-1] - information[-2]) / entropy)
     return float(np.mean(gaps))
 
 
@@ -246,8 +275,8 @@ def dci(
     codes: np.ndarray,
     factors: np.ndarray,
     *,
-    train_fraction: float = 0.8,
-    max_points: int = 2000,
+    num_train: int = 10000,
+    num_test: int = 5000,
     n_estimators: int = 100,
     n_jobs: int | None = None,
     seed: int = 0,
@@ -262,25 +291,19 @@ def dci(
     share (is each factor explained by one dimension?). ``informativeness``: mean test accuracy
     of the classifiers (disentanglement_lib's ``informativeness_test``).
 
-    Cost: gradient boosting fits n_estimators × (number of values) trees per factor, each
-    factor on one core (``n_jobs`` factors at a time, joblib semantics: None = 1, -1 = all
-    cores). So the set is first subsampled to at most ``max_points`` images, chosen by
-    ``seed``; disentanglement_lib used 10000 training and 5000 test images, pass
-    ``max_points=15000`` to match it. A ``train_fraction`` of them trains the classifiers, the
-    rest tests them.
+    ``num_train`` + ``num_test`` distinct images are chosen by ``seed`` (disentanglement_lib:
+    10000 and 5000); the first ``num_train`` train the classifiers, the rest test them. Cost:
+    gradient boosting fits n_estimators × (number of values) trees per factor, each factor on one
+    core (``n_jobs`` factors at a time, joblib semantics: None = 1, -1 = all cores).
     """
     codes, factors = _validate(codes, factors, min_factors=2, min_dims=2)
-    _check_positive(max_points=max_points, n_estimators=n_estimators)
-    if not 0.0 < train_fraction < 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}.")
-    rng = np.random.default_rng(seed)
-    keep = rng.permutation(len(codes))[:max_points]
-    num_train = round(train_fraction * len(keep))
-    if num_train < 2 or num_train == len(keep):
+    _check_positive(num_train=num_train, num_test=num_test, n_estimators=n_estimators)
+    if num_train + num_test > len(codes):
         raise ValueError(
-            f"dci needs images on both sides of the split: {len(keep)} images with "
-            f"train_fraction={train_fraction} leave {num_train} for training."
+            f"dci needs num_train + num_test = {num_train + num_test} distinct images, the set holds "
+            f"{len(codes)}: lower them or encode more images."
         )
+    keep = np.random.default_rng(seed).permutation(len(codes))[: num_train + num_test]
     train, test = keep[:num_train], keep[num_train:]
     fits = Parallel(n_jobs=n_jobs)(
         delayed(_fit_factor_classifier)(codes, labels, train, test, n_estimators, seed)
@@ -300,3 +323,81 @@ def dci(
         ),
         "informativeness": informativeness,
     }
+
+
+def _one_draw(
+    codes: np.ndarray, factors: np.ndarray, mig_images: np.ndarray, seed: int, sizes: dict[str, int]
+) -> dict[str, float]:
+    """One seeded draw of every score (MIG: on a bootstrap resample of `mig_images`)."""
+    draw = {
+        "beta_vae": beta_vae(
+            codes, factors, num_train=sizes["beta_vae_train"], num_eval=sizes["beta_vae_eval"], seed=seed
+        ),
+        "factor_vae": factor_vae(
+            codes, factors, num_train=sizes["factor_vae_train"], num_eval=sizes["factor_vae_eval"], seed=seed
+        ),
+    }
+    resample = np.random.default_rng(seed).choice(mig_images, size=len(mig_images))
+    draw["mig_bootstrap"] = _mig(codes[resample], factors[resample], 20)
+    scores = dci(
+        codes, factors, num_train=sizes["dci_train"], num_test=sizes["dci_test"],
+        n_estimators=sizes["dci_estimators"], seed=seed,
+    )
+    draw.update({f"dci_{key}": value for key, value in scores.items()})
+    return draw
+
+
+def scores_with_errors(
+    codes: np.ndarray,
+    factors: np.ndarray,
+    *,
+    repeats: int = 5,
+    seed: int = 0,
+    beta_vae_train: int = 10000,
+    beta_vae_eval: int = 5000,
+    factor_vae_train: int = 10000,
+    factor_vae_eval: int = 5000,
+    mig_points: int | None = 10000,
+    dci_train: int = 10000,
+    dci_test: int = 5000,
+    dci_estimators: int = 100,
+    n_jobs: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """All four scores of one code, each with its standard error (``<score>_se``).
+
+    β-VAE, FactorVAE and DCI are random estimates of a fixed quantity of the model (random
+    image pairs, votes, train/test split and trees): each is drawn ``repeats`` times with seeds
+    ``seed, seed+1, …``, the score is the mean of the draws and its error the standard error of
+    that mean (std / √repeats). MIG involves no randomness once its images are chosen, so its
+    error is a bootstrap one: the std of MIG over ``repeats`` resamples (with replacement) of
+    its ``mig_points`` images. Neither covers a retrained model: a rerun that trains to other
+    weights (another machine's floating point) moves the scores by more than these errors.
+    Sample sizes default to disentanglement_lib's. The draws run ``n_jobs`` at a time (joblib
+    semantics: None = 1, -1 = all cores); the results do not depend on it.
+    """
+    from tqdm import tqdm
+
+    if repeats < 2:
+        raise ValueError(f"repeats must be >= 2 to estimate a standard error, got {repeats}.")
+    codes, factors = _validate(codes, factors, min_factors=2, min_dims=2)
+    mig_images = _subset(len(codes), mig_points, np.random.default_rng(seed), "mig_points")
+    sizes = {
+        "beta_vae_train": beta_vae_train, "beta_vae_eval": beta_vae_eval,
+        "factor_vae_train": factor_vae_train, "factor_vae_eval": factor_vae_eval,
+        "dci_train": dci_train, "dci_test": dci_test, "dci_estimators": dci_estimators,
+    }
+    jobs = Parallel(n_jobs=n_jobs, return_as="generator")(
+        delayed(_one_draw)(codes, factors, mig_images, seed + repeat, sizes) for repeat in range(repeats)
+    )
+    draws = list(tqdm(jobs, total=repeats, desc="disentanglement", unit="draw", disable=not progress))
+    results: dict[str, float] = {}
+    for key in draws[0]:
+        values = [draw[key] for draw in draws]
+        if key == "mig_bootstrap":
+            results["mig"] = _mig(codes[mig_images], factors[mig_images], 20)
+            results["mig_se"] = float(np.std(values, ddof=1))
+        else:
+            results[key] = float(np.mean(values))
+            results[f"{key}_se"] = float(np.std(values, ddof=1) / np.sqrt(repeats))
+    return results

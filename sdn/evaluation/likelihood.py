@@ -8,6 +8,12 @@ KL term is reported as well.
 Importance-weighted NLL with K samples (Burda et al., 2016; SDN_SPEC §2):
 ``log p(x) ≈ logsumexp_k ELBO_k − log K``, a lower bound on ``log p(x)`` that tightens as K
 grows and equals the ELBO at K = 1.
+
+As the release's ``evaluate.py`` computes them: every importance sample of an image is a full
+forward pass of its own (a row of the model's input batch: the K·B rows are only cut into
+chunks so that several rows share one call), and the −ELBO is a single-sample estimate per
+image. The release draws that sample in a separate pass; here it is the first of the K
+samples, which has the same distribution and costs nothing extra.
 """
 
 import math
@@ -56,7 +62,8 @@ def _check_sampling_args(num_samples: int, chunk_size: int) -> None:
 def _importance_sample(
     elbo_fn: ElboFn, x: Tensor, num_samples: int, chunk_size: int
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Stream K single-sample ELBOs per image; return (IW log-likelihood, mean ELBO, mean KL).
+    """Stream K single-sample ELBOs per image; return (IW log-likelihood, the first sample's
+    ELBO, the first sample's KL or None).
 
     The K·B (sample, image) pairs are visited in one fixed, sample-major order (row
     r = k·B + b) and cut into consecutive chunks of at most ``chunk_size`` rows, one
@@ -67,8 +74,8 @@ def _importance_sample(
     batch = x.shape[0]
     total_rows = num_samples * batch
     log_sum = torch.full((batch,), -math.inf, dtype=torch.float64)
-    elbo_sum = torch.zeros(batch, dtype=torch.float64)
-    kl_sum: Tensor | None = None
+    first_elbo = torch.zeros(batch, dtype=torch.float64)
+    first_kl: Tensor | None = None
     for start in range(0, total_rows, chunk_size):
         end = min(start + chunk_size, total_rows)
         images = torch.arange(start, end) % batch
@@ -81,14 +88,14 @@ def _importance_sample(
         grid = torch.full((num_grid_rows,), -math.inf, dtype=torch.float64)
         grid[start - first_sample * batch : end - first_sample * batch] = elbo
         log_sum = torch.logaddexp(log_sum, grid.view(-1, batch).logsumexp(dim=0))
-        elbo_sum.index_add_(0, images, elbo)
-        if kl is not None:
-            if kl_sum is None:
-                kl_sum = torch.zeros(batch, dtype=torch.float64)
-            kl_sum.index_add_(0, images, kl)
-    log_likelihood = log_sum - math.log(num_samples)
-    kl_mean = None if kl_sum is None else kl_sum / num_samples
-    return log_likelihood, elbo_sum / num_samples, kl_mean
+        if start < batch:  # rows 0..B−1 are every image's first sample
+            first = slice(start, min(end, batch))
+            first_elbo[first] = elbo[: first.stop - start]
+            if kl is not None:
+                if first_kl is None:
+                    first_kl = torch.zeros(batch, dtype=torch.float64)
+                first_kl[first] = kl[: first.stop - start]
+    return log_sum - math.log(num_samples), first_elbo, first_kl
 
 
 def importance_weighted_log_likelihood(
@@ -104,7 +111,7 @@ def importance_weighted_log_likelihood(
     return log_likelihood
 
 
-def _mean_and_stderr(values: Tensor) -> tuple[float, float]:
+def _mean_and_se(values: Tensor) -> tuple[float, float]:
     """Mean over images and its standard error (sample std / √n)."""
     return values.mean().item(), (values.std() / math.sqrt(values.numel())).item()
 
@@ -120,14 +127,15 @@ def evaluate_density(
     """−ELBO, importance-weighted NLL (and KL) in bits/dim over all images of ``batches``.
 
     Each image gets ``num_samples`` = K single-sample ELBOs from ``elbo_fn`` in chunks of at
-    most ``chunk_size`` rows. From the same K samples: ``elbo_bpd`` is −(mean of the K ELBOs),
-    an unbiased estimate of −ELBO; ``nll_bpd`` is −(logsumexp_k ELBO_k − log K), which is never
-    above ``elbo_bpd``; ``kl_bpd`` (only when ``elbo_fn`` returns a dict with "kl") is the mean
-    KL. Bits/dim = nats / (``dims_per_image`` · ln 2), e.g. dims_per_image = C·H·W. Every
-    value comes with its standard error over images (``*_stderr``), so at least two images are
-    needed. ``batches`` yields image tensors; ``elbo_fn`` gets (repeated) rows of them on their
-    device, so move them to the model's device in the iterable or in ``elbo_fn``. Returns plain
-    floats and ints, ready for ``json.dump``.
+    most ``chunk_size`` rows. ``nll_bpd`` is −(logsumexp_k ELBO_k − log K); ``elbo_bpd`` is
+    −ELBO from one sample per image (the first of the K), as the release reports it: an unbiased
+    estimate of −ELBO, whose mean over images is above ``nll_bpd`` up to sampling noise;
+    ``kl_bpd`` (only when ``elbo_fn`` returns a dict with "kl") is that sample's KL. Bits/dim =
+    nats / (``dims_per_image`` · ln 2), e.g. dims_per_image = C·H·W. Every value comes with its
+    standard error over images (``*_se``: sample std / √n, which includes the sampling noise of
+    the estimators), so at least two images are needed. ``batches`` yields image tensors;
+    ``elbo_fn`` gets (repeated) rows of them on their device, so move them to the model's device
+    in the iterable or in ``elbo_fn``. Returns plain floats and ints, ready for ``json.dump``.
     """
     _check_sampling_args(num_samples, chunk_size)
     if dims_per_image < 1:
@@ -146,7 +154,9 @@ def evaluate_density(
             kls.append(kl)
     num_images = sum(v.numel() for v in elbos)
     if num_images < 2:
-        raise ValueError(f"evaluate_density needs at least 2 images for a standard error, got {num_images}.")
+        raise ValueError(
+            f"evaluate_density needs at least 2 images for a standard error, got {num_images}."
+        )
     if kls and len(kls) != len(elbos):
         raise ValueError("elbo_fn returned 'kl' for some batches but not for others.")
 
@@ -156,9 +166,9 @@ def evaluate_density(
         costs_in_nats["kl_bpd"] = torch.cat(kls)
     results: dict[str, float | int] = {}
     for key, nats in costs_in_nats.items():
-        mean, stderr = _mean_and_stderr(nats * bits_per_nat)
+        mean, se = _mean_and_se(nats * bits_per_nat)
         results[key] = mean
-        results[f"{key}_stderr"] = stderr
+        results[f"{key}_se"] = se
     results["num_images"] = num_images
     results["num_samples"] = num_samples
     return results

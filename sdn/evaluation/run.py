@@ -1,20 +1,30 @@
-"""What the `evaluate` and `sample` stages compute for one trained experiment."""
+"""What the `evaluate` and `sample` stages compute for one trained experiment.
+
+Both run on the experiment's accelerator (the first GPU where `trainer.accelerator` gives one,
+see `sdn.evaluation.device`) under its precision, and show a progress bar for every long step
+when `trainer.progress_bar` is on.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from sdn.config import ExperimentConfig
 from sdn.evaluation import samples as pictures
+from sdn.evaluation.device import experiment_device, precision_context
 from sdn.evaluation.likelihood import evaluate_density
 from sdn.training import LAST_CHECKPOINT, ShardSampler, _check_image_shape, _dataset, load_ema_model
 
@@ -31,17 +41,20 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
 
 
 def _load(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, split: str):
-    torch.manual_seed(cfg.seed)
-    model = load_ema_model(cfg, ckpt_dir / LAST_CHECKPOINT)
+    """The EMA model on the experiment's device, and the split's images."""
+    device = experiment_device(cfg.trainer)
+    torch.manual_seed(cfg.seed)  # seeds the CPU and every GPU generator
+    # load_ema_model reads the checkpoint onto the CPU, whatever device saved it; then move it
+    model = load_ema_model(cfg, ckpt_dir / LAST_CHECKPOINT).to(device)
     data = _dataset(lmdb_dir, split, cfg.dataset)
     _check_image_shape(data, cfg, split)
-    return model, data
+    return model, data, device
 
 
-def _batches(model, data, batch_size: int, limit: int | None):
+def _batches(model, data, batch_size: int, limit: int | None, device: torch.device):
     loader = DataLoader(data, batch_size=batch_size, sampler=ShardSampler(len(data), limit=limit))
     for images, *_ in loader:
-        yield model.obs.preprocess(images)
+        yield model.obs.preprocess(images.to(device))
 
 
 def _rounded(values: dict[str, Any]) -> dict[str, Any]:
@@ -51,110 +64,177 @@ def _rounded(values: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out_dir: Path) -> dict:
-    """−ELBO, KL and importance-weighted NLL in bits/dim on the validation split (EMA weights);
-    for β-VAEs also the four disentanglement scores on the labelled set."""
-    model, data = _load(cfg, lmdb_dir, ckpt_dir, "val")
-    ev = cfg.evaluate
+    """−ELBO (one sample per image), KL and importance-weighted NLL in bits/dim on the validation
+    split (EMA weights), each with its standard error over images; for β-VAEs also the four
+    disentanglement scores on the labelled set, each with its standard error."""
+    model, data, device = _load(cfg, lmdb_dir, ckpt_dir, "val")
+    ev, precision = cfg.evaluate, cfg.trainer.precision
+
+    def elbo(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with precision_context(precision, device):
+            return model.elbo(x)
+
     started = time.perf_counter()
     metrics = evaluate_density(
-        model.elbo, _batches(model, data, ev.batch_size, ev.max_images),
+        elbo, _batches(model, data, ev.batch_size, ev.max_images, device),
         num_samples=ev.iw_samples, chunk_size=ev.chunk_size, dims_per_image=model.dims_per_image,
+        progress=cfg.trainer.progress_bar,
     )
     # evaluate_density's `elbo_bpd` is −ELBO in bits/dim; name it for what it is
     metrics["neg_elbo_bpd"] = metrics.pop("elbo_bpd")
-    metrics["neg_elbo_bpd_stderr"] = metrics.pop("elbo_bpd_stderr")
+    metrics["neg_elbo_bpd_se"] = metrics.pop("elbo_bpd_se")
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
-    # wall time is printed, not stored: the metrics file must be identical across reruns
+    # wall time and device are printed, not stored: the metrics file must be identical across reruns
     print(f"[sdn] {cfg.name}: evaluated {metrics['num_images']} images x {ev.iw_samples} samples "
-          f"in {time.perf_counter() - started:.1f} s")
+          f"on {device} ({precision}) in {time.perf_counter() - started:.1f} s")
     if cfg.kind == "disentanglement":
-        metrics.update(disentanglement_scores(cfg, model, lmdb_dir))
+        started = time.perf_counter()
+        metrics.update(disentanglement_scores(cfg, model, lmdb_dir, device))
+        print(f"[sdn] {cfg.name}: disentanglement scores in {time.perf_counter() - started:.1f} s")
     metrics = _rounded(metrics)
     write_json_atomic(metrics, out_dir / "eval.json")
     return metrics
 
 
 @torch.no_grad()
-def disentanglement_scores(cfg: ExperimentConfig, model, lmdb_dir: Path) -> dict[str, float]:
-    """Encode labelled images (posterior means) and score the codes against their factors."""
+def disentanglement_scores(
+    cfg: ExperimentConfig, model, lmdb_dir: Path, device: torch.device | str = "cpu"
+) -> dict[str, float | int]:
+    """Encode labelled images (posterior means) and score the codes against their factors, each
+    score with its standard error (see `disentanglement.scores_with_errors`)."""
     from sdn.evaluation import disentanglement as metrics
 
+    ev = cfg.evaluate
     data = _dataset(lmdb_dir, "train", cfg.dataset)
-    count = min(len(data), cfg.evaluate.disentanglement_points)
+    count = len(data) if ev.disentanglement_points is None else min(len(data), ev.disentanglement_points)
     generator = torch.Generator().manual_seed(cfg.seed)
     indices = torch.randperm(len(data), generator=generator)[:count].tolist()
-    loader = DataLoader(torch.utils.data.Subset(data, indices), batch_size=cfg.evaluate.batch_size)
+    loader = DataLoader(torch.utils.data.Subset(data, indices), batch_size=ev.batch_size)
     codes, factors = [], []
-    for images, labels in loader:
-        codes.append(model.encode(model.obs.preprocess(images)).numpy())
+    for images, labels in tqdm(loader, desc="encode", unit="batch", disable=not cfg.trainer.progress_bar):
+        with precision_context(cfg.trainer.precision, torch.device(device)):
+            codes.append(model.encode(model.obs.preprocess(images.to(device))).float().cpu().numpy())
         factors.append(labels.numpy())
-    codes_np = np.concatenate(codes).astype(np.float64)
-    factors_np = np.concatenate(factors).astype(np.int64)
-    seed = cfg.seed
-    dci = metrics.dci(codes_np, factors_np, max_points=cfg.evaluate.dci_points, seed=seed)
-    return {
-        "beta_vae": metrics.beta_vae(codes_np, factors_np, seed=seed),
-        "factor_vae": metrics.factor_vae(codes_np, factors_np, seed=seed),
-        "mig": metrics.mig(codes_np, factors_np),
-        "dci_disentanglement": dci["disentanglement"],
-        "dci_completeness": dci["completeness"],
-        "dci_informativeness": dci["informativeness"],
-        "disentanglement_images": count,
-    }
+    scores = metrics.scores_with_errors(
+        np.concatenate(codes).astype(np.float64),
+        np.concatenate(factors).astype(np.int64),
+        repeats=ev.disentanglement_repeats,
+        seed=cfg.seed,
+        beta_vae_train=ev.beta_vae_train,
+        beta_vae_eval=ev.beta_vae_eval,
+        factor_vae_train=ev.factor_vae_train,
+        factor_vae_eval=ev.factor_vae_eval,
+        mig_points=None if ev.mig_points is None else min(ev.mig_points, count),
+        dci_train=ev.dci_train,
+        dci_test=ev.dci_test,
+        n_jobs=-1,  # independent seeded draws: the same scores on any number of cores
+        progress=cfg.trainer.progress_bar,
+    )
+    return {**scores, "disentanglement_images": count}
+
+
+# --------------------------------------------------------------------------------------------
+# Pictures
+
+
+def _swap_in(built: Path, out_dir: Path) -> None:
+    """Replace `out_dir` by the folder `built`: rename the old one away, the new one in, then
+    delete the old one. Only between the two renames is there no `out_dir`, and
+    `_recover` puts the old one back if a kill lands there."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(built, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(out_dir: Path) -> None:
+    """Undo what a killed run left: its half-built folders, or an old folder renamed away."""
+    for partial in out_dir.parent.glob(f".{out_dir.name}.tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if old.exists() and not out_dir.exists():
+        os.replace(old, out_dir)
 
 
 @torch.no_grad()
 def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out_dir: Path) -> list[Path]:
-    """Sample grids at each temperature, plus interpolations, neighbourhoods and nearest
-    training images (density) or reconstructions and traversals (β-VAE)."""
-    model, val = _load(cfg, lmdb_dir, ckpt_dir, "val")
+    """Sample grids at each temperature (the first is the run's sampling temperature), plus
+    interpolations, neighbourhoods and nearest training images (density) or reconstructions and
+    traversals (β-VAE).
+
+    The pictures are built in a temporary folder beside `out_dir` and swapped in when all are
+    written, so `out_dir` always holds exactly one run's pictures: a run that fails or is killed
+    midway leaves the previous ones, and grids of temperatures no longer configured go."""
+    model, val, device = _load(cfg, lmdb_dir, ckpt_dir, "val")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _recover(out_dir)
     sc = cfg.sample
     n = sc.grid
-    written = []
-
-    def save(images, name, nrow):
-        path = out_dir / name
-        pictures.save_grid(images, path, nrow)
-        written.append(path)
-
-    for t in sc.temperatures:
-        save(pictures.sample_grid(model, n * n, t), f"samples_t{t:g}.png", n)
     first = next(iter(DataLoader(val, batch_size=max(4, n))))[0]
-    x = model.obs.preprocess(first)
+    x = model.obs.preprocess(first.to(device))
+
+    def interpolation(layers: int) -> torch.Tensor:
+        pairs = (x[0:2], x[2:4])
+        return torch.cat([
+            pictures.interpolate_density(
+                model, pair, layers, sc.interpolation_steps, sc.interpolation_temperature
+            )
+            for pair in pairs
+        ])
+
+    # (file name, images per row, how to draw it): drawn one by one under the progress bar
+    pictures_to_draw: list[tuple[str, int, Callable[[], torch.Tensor]]] = [
+        (f"samples_t{t:g}.png", n, lambda t=t: pictures.sample_grid(model, n * n, t)) for t in sc.temperatures
+    ]
     if cfg.kind == "density":
-        for layers in sc.interpolation_layers:
-            rows = [
-                pictures.interpolate_density(
-                    model, x[2 * i : 2 * i + 2], layers, sc.interpolation_steps, sc.interpolation_temperature
-                )
-                for i in range(2)
-            ]
-            save(torch.cat(rows), f"interpolation_l{layers}.png", sc.interpolation_steps + 2)
-        save(
-            pictures.neighbourhood(
+        pictures_to_draw += [
+            (f"interpolation_l{k}.png", sc.interpolation_steps + 2, lambda k=k: interpolation(k))
+            for k in sc.interpolation_layers
+        ]
+        pictures_to_draw += [
+            ("neighbourhood.png", n, lambda: pictures.neighbourhood(
                 model, x[:4], sc.neighbourhood_layers, n - 1, sc.neighbourhood_temperature
-            ),
-            "neighbourhood.png", n,
-        )
-        save(_nearest(cfg, model, lmdb_dir), "nearest_train.png", sc.nearest_k + 1)
+            )),
+            ("nearest_train.png", sc.nearest_k + 1, lambda: _nearest(cfg, model, lmdb_dir)),
+        ]
     else:
-        save(pictures.reconstructions(model, x[:n]), "reconstructions.png", 2 * int(math.sqrt(n)))
-        save(pictures.traversals(model, x[:1]), "traversals.png", 8)
-    return written
+        pictures_to_draw += [
+            ("reconstructions.png", 2 * int(math.sqrt(n)), lambda: pictures.reconstructions(model, x[:n])),
+            ("traversals.png", 8, lambda: pictures.traversals(model, x[:1])),
+        ]
+
+    built = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    try:
+        progress = tqdm(pictures_to_draw, desc="sample", unit="picture", disable=not cfg.trainer.progress_bar)
+        for name, nrow, draw in progress:
+            with precision_context(cfg.trainer.precision, device):
+                images = draw()
+            pictures.save_grid(images, built / name, nrow)
+        _swap_in(built, out_dir)
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        raise
+    return [out_dir / name for name, _, _ in pictures_to_draw]
 
 
 def _nearest(cfg: ExperimentConfig, model, lmdb_dir: Path) -> torch.Tensor:
-    """Rows: a sample, then its nearest training images (an overfitting check)."""
+    """Rows: a sample at the run's sampling temperature, then its nearest training images (an
+    overfitting check)."""
     train = _dataset(lmdb_dir, "train", cfg.dataset)
+    device = next(model.parameters()).device
+    loader = DataLoader(train, batch_size=2048)
 
     def chunks():
-        for images, *_ in DataLoader(train, batch_size=2048):
-            yield model.obs.postprocess(model.obs.preprocess(images))
+        for images, *_ in tqdm(loader, desc="nearest", unit="chunk", disable=not cfg.trainer.progress_bar):
+            yield model.obs.postprocess(model.obs.preprocess(images.to(device)))
 
-    samples = pictures.sample_grid(model, cfg.sample.nearest_samples, cfg.sample.temperatures[-1])
+    samples = pictures.sample_grid(model, cfg.sample.nearest_samples, cfg.sample.temperatures[0])
     indices, _ = pictures.nearest_training_images(samples, chunks(), cfg.sample.nearest_k)
     rows = []
     for sample, idx in zip(samples, indices, strict=True):
-        neighbours = torch.stack([train[int(i)][0] for i in idx])
+        neighbours = torch.stack([train[int(i)][0] for i in idx]).to(device)
         rows.append(torch.cat([sample[None], model.obs.postprocess(model.obs.preprocess(neighbours))]))
     return torch.cat(rows)

@@ -1,6 +1,6 @@
 """Pictures of a trained model: sample grids, latent interpolation, neighbourhoods, nearest
 training images, reconstructions and latent traversals. Each returns image tensors in [0, 1]
-(N, C, H, W) or a grid; `save_grid` writes a PNG atomically."""
+(N, C, H, W) on the model's device; `save_grid` writes them as one PNG grid atomically."""
 
 from __future__ import annotations
 
@@ -10,32 +10,21 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-
-
-def make_grid(images: Tensor, nrow: int, padding: int = 2) -> Tensor:
-    """Tile (N, C, H, W) images into one (C, H', W') image, `nrow` per row, on a white ground."""
-    count, channels, height, width = images.shape
-    rows = -(-count // nrow)
-    grid = images.new_ones(channels, rows * (height + padding) + padding, nrow * (width + padding) + padding)
-    for i, image in enumerate(images):
-        top = padding + (i // nrow) * (height + padding)
-        left = padding + (i % nrow) * (width + padding)
-        grid[:, top : top + height, left : left + width] = image
-    return grid
+from torchvision.utils import save_image
 
 
 def save_grid(images: Tensor, path: Path, nrow: int) -> None:
-    """Write images in [0, 1] as one PNG grid (temporary file, then rename)."""
-    from PIL import Image
-
-    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow)
-    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    if array.shape[2] == 1:
-        array = array[..., 0]
+    """Write images in [0, 1] as one PNG grid, `nrow` per row on a white ground (torchvision's
+    `make_grid`/`save_image`), to a temporary file that is then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        images = images.detach().float().clamp(0, 1).cpu()
+        save_image(images, tmp, nrow=nrow, padding=2, pad_value=1.0, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @torch.no_grad()
@@ -77,12 +66,12 @@ def nearest_training_images(
     """For each sample (images in [0, 1]) its `k` nearest training images by L2 distance, streamed
     over chunks of training images (so any training set size fits in memory).
     Returns (indices (S, k), distances (S, k))."""
-    flat_samples = samples.flatten(1).float()
+    flat_samples = samples.flatten(1).float()  # on the samples' device; the running best on the CPU
     best_d = torch.full((len(samples), k), float("inf"))
     best_i = torch.zeros((len(samples), k), dtype=torch.long)
     start = 0
     for chunk in training_chunks:
-        d = torch.cdist(flat_samples, chunk.flatten(1).float())
+        d = torch.cdist(flat_samples, chunk.flatten(1).float().to(flat_samples.device)).cpu()
         d_all = torch.cat([best_d, d], dim=1)
         i_all = torch.cat([best_i, torch.arange(start, start + len(chunk)).expand(len(samples), -1)], dim=1)
         best_d, order = d_all.topk(k, dim=1, largest=False)
