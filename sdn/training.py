@@ -38,16 +38,17 @@ LAST_CHECKPOINT = "last.ckpt"
 
 
 def prepare_model(model: nn.Module, train: TrainConfig) -> nn.Module:
-    """Orthogonal init of conv weights, then weight normalisation on every conv (as released)."""
+    """Orthogonal init of conv weights (biases keep PyTorch's default init), then weight
+    normalisation on every conv per output channel (as released)."""
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     if train.init == "orthogonal":
         for conv in convs:
             nn.init.orthogonal_(conv.weight)
-            if conv.bias is not None:
-                nn.init.zeros_(conv.bias)
     if train.weight_norm:
         for conv in convs:
-            torch.nn.utils.parametrizations.weight_norm(conv)
+            # a transposed conv's weight is (in, out, k, k): its output channels are dim 1
+            dim = 1 if isinstance(conv, nn.ConvTranspose2d) else 0
+            torch.nn.utils.parametrizations.weight_norm(conv, dim=dim)
     return model
 
 
