@@ -84,6 +84,9 @@ class _LightningReference:
 class _AttributeDict(dict):
     """Lightning 0.9's `AttributeDict` (a dict with attribute access), read as a plain dict."""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> dict:  # type: ignore[misc]
+        return {}  # torch's unpickler fills plain dicts only; __init__ is then not called
+
 
 _TRAINER = _LightningReference("pytorch_lightning.trainer.trainer.Trainer")
 _GPUS_ARG_DEFAULT = _LightningReference("pytorch_lightning.trainer.trainer.Trainer._gpus_arg_default")
@@ -107,15 +110,18 @@ _ADMITTED_GLOBALS = [
 ]
 
 
-def _plain(value: Any) -> Any:
-    return dict(value) if isinstance(value, _AttributeDict) else value
-
-
 def read_release_file(path: str | Path) -> dict[str, Any]:
     """The checkpoint's top-level dict, unpickled with tensors and builtin containers only."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: no checkpoint to read there.")
+    with path.open("rb") as handle:
+        start = handle.read(4)
+    if not (start.startswith(b"PK") or start.startswith(b"\x80")):  # torch's zip format, or a pickle
+        raise ReleaseCheckpointError(
+            f"{path} is not a PyTorch checkpoint (it starts with {start!r}): is the download complete, "
+            "and not a web page?"
+        )
     try:
         with torch.serialization.safe_globals(_ADMITTED_GLOBALS):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -134,7 +140,6 @@ def read_release_file(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(checkpoint, dict):
         raise ReleaseCheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict.")
-    checkpoint = {key: _plain(value) for key, value in checkpoint.items()}
     missing = [key for key in ("state_dict", "hyper_parameters") if not isinstance(checkpoint.get(key), dict)]
     if missing:
         raise ReleaseCheckpointError(
@@ -148,7 +153,8 @@ def _offending(message: str) -> str:
     found = re.search(r"GLOBAL (\S+)", message)
     found = found or re.search(r"unrecognized function (.+?)(?:\.?\n|$)", message)
     if found:
-        return found.group(1)
+        name = found.group(1)
+        return name if "." in name else f"builtins.{name}"  # torch's message drops the module of builtins
     return re.sub(r"\s+", " ", message.split("WeightsUnpickler error:")[-1]).strip()[:200]
 
 
