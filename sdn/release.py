@@ -255,7 +255,11 @@ def build_release_model(cfg: DensityConfig) -> DensityVAE:
 
 def read_release_checkpoint(path: str | Path) -> ReleaseWeights:
     """Read, check and map every tensor of a release checkpoint (raw and EMA weights)."""
-    path = Path(path)
+    return _read(Path(path))[0]
+
+
+def _read(path: Path) -> tuple[ReleaseWeights, DensityVAE]:
+    """The mapped weights, and the (untrained) model they were checked against."""
     checkpoint = read_release_file(path)
     hyper_parameters = checkpoint["hyper_parameters"]
     try:
@@ -291,7 +295,7 @@ def read_release_checkpoint(path: str | Path) -> ReleaseWeights:
         if name not in parameters:  # buffers (the IAF masks) have no EMA slot: the model's own
             mapped["ema"][name] = mapped["raw"][name]
     info = {key: checkpoint.get(key) for key in ("epoch", "global_step", "pytorch-lightning_version")}
-    return ReleaseWeights(
+    weights = ReleaseWeights(
         config=cfg,
         hyper_parameters=hyper_parameters,
         raw=mapped["raw"],
@@ -299,6 +303,7 @@ def read_release_checkpoint(path: str | Path) -> ReleaseWeights:
         uses_ema=hyper_parameters["ema_coef"] > 0,
         info=info,
     )
+    return weights, model
 
 
 def _checked_tensor(path: Path, key: str, value: Any, ours: Tensor, name: str) -> Tensor:
@@ -326,7 +331,7 @@ def _checked_tensor(path: Path, key: str, value: Any, ours: Tensor, name: str) -
         )
     if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
         raise ReleaseCheckpointError(f"{path}: state_dict[{key!r}] holds non-finite or non-float values.")
-    return value.detach().reshape(ours.shape).to(ours.dtype).clone()
+    return value.detach().reshape(ours.shape).to(ours.dtype)
 
 
 def load_release_checkpoint(path: str | Path) -> DensityVAE:
@@ -335,8 +340,7 @@ def load_release_checkpoint(path: str | Path) -> DensityVAE:
     The model is built from the checkpoint's own `hyper_parameters`; every tensor is checked by
     name and shape. No code from the file is run while reading it.
     """
-    weights = read_release_checkpoint(path)
-    model = build_release_model(weights.config)
+    weights, model = _read(Path(path))
     model.load_state_dict(weights.ema if weights.uses_ema else weights.raw)
     return model.eval()
 
