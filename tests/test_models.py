@@ -149,8 +149,8 @@ def spec_plan(cfg: DensityConfig) -> tuple[list[dict], list[int] | None]:
 
 
 def conv_count(cin: int, cout: int, k: int, transposed: bool = False) -> int:
-    """Weight, bias and the weight-norm gains (one per slice along dim 0 of the weight)."""
-    return cin * cout * k * k + cout + (cin if transposed else cout)
+    """Weight, bias and the weight-norm gains (one per output channel, transposed or not)."""
+    return cin * cout * k * k + cout + cout
 
 
 def sdn_count(cin: int, cout: int, features: int, dirs: int, k: int, transposed: bool = False) -> int:
@@ -574,11 +574,14 @@ def test_prepare_model_orthogonal_then_weight_norm(model_fn):
         weight_norm = conv.parametrizations.weight
         assert type(weight_norm[0]).__name__ == "_WeightNorm"
         gain, direction = weight_norm.original0, weight_norm.original1
-        assert gain.shape == (conv.weight.shape[0], 1, 1, 1) and direction.shape == conv.weight.shape
+        out_dim = 1 if isinstance(conv, nn.ConvTranspose2d) else 0  # (in, out, k, k) when transposed
+        gain_shape = [1, 1, 1, 1]
+        gain_shape[out_dim] = conv.weight.shape[out_dim]
+        assert gain.shape == tuple(gain_shape) and direction.shape == conv.weight.shape
         rows = conv.weight.detach().flatten(1)
         gram = rows @ rows.T if rows.shape[0] <= rows.shape[1] else rows.T @ rows
         torch.testing.assert_close(gram, torch.eye(len(gram)), atol=1e-4, rtol=0)
-        assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+        assert conv.bias.abs().sum() > 0  # biases keep PyTorch's default init
     for module in model.modules():
         if not isinstance(module, CONVS):
             assert not parametrize.is_parametrized(module)
@@ -764,8 +767,8 @@ def test_every_experiment_matches_the_spec(name):
     cfg = experiment_config(PARAMS, name)
     with torch.device("meta"):
         model = build_model(cfg)
-    # what prepare_model's weight norm adds: one gain per slice along dim 0 of each conv weight
-    gains = sum(m.weight.shape[0] for m in model.modules() if isinstance(m, CONVS))
+    # what prepare_model's weight norm adds: one gain per output channel of each conv
+    gains = sum(m.out_channels for m in model.modules() if isinstance(m, CONVS))
     if cfg.kind == "density":
         layers, last = spec_plan(cfg.model)
         assert model.describe()["ladder"] == layers
