@@ -621,3 +621,13 @@ def test_stage_without_the_file_ends_with_one_error_line_naming_path_and_link(tm
     url = params["experiments"]["celebahq256-release"]["release"]["url"]
     assert "data/raw/celebahq256-release/CelebAHQ256.ckpt" in lines[0] and url in lines[0]
     assert not (project / "data").exists()
+
+
+def test_make_target_imports_then_evaluates_and_samples():
+    result = subprocess.run(["make", "-n", "celebahq256-release"], cwd=ROOT, capture_output=True, text=True,
+                            check=True)
+    commands = [line for line in result.stdout.splitlines() if "release.py" in line or "dvc repro" in line]
+    assert "stages/release.py celebahq256-release" in commands[0], result.stdout
+    assert "evaluate@celebahq256-release" in commands[1] and "sample@celebahq256-release" in commands[1]
+    help_text = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "celebahq256-release" in help_text
