@@ -133,7 +133,7 @@ def read_release_file(path: str | Path) -> dict[str, Any]:
             "release's trainer never holds (nothing in it was run). Get the checkpoint from the authors' "
             "link."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged or hostile pickle fails in many ways
         raise ReleaseCheckpointError(
             f"{path} cannot be read as a PyTorch checkpoint ({type(err).__name__}: {str(err)[:200]}): "
             "is the download complete, and not a web page?"
