@@ -16,7 +16,7 @@ PAPER_DATASETS := cifar10 imagenet32 celebahq256 3dshapes
 DATASETS := $(DEFAULT_DATASETS) $(PAPER_DATASETS)
 
 .DEFAULT_GOAL := all
-.PHONY: all help install test test-slow lint bench metrics diff plots summary readme $(DATASETS)
+.PHONY: all help install test test-slow lint bench metrics diff plots summary readme celebahq256-release $(DATASETS)
 
 all: install ## Install, then rebuild the default offline experiments (photos32, sprites) and the summary
 	$(DVC) repro summary
@@ -57,6 +57,12 @@ plots: install ## Render training curves and sample grids to dvc_plots/index.htm
 
 $(DATASETS): install
 	$(DVC) repro $(foreach e,$@-sdn $@-cnn,evaluate@$(e) sample@$(e))
+	$(DVC) repro --force --single-item summary
+
+# The stage runs once outside DVC first, so that a missing checkpoint ends with its one-line error.
+celebahq256-release: install ## Evaluate and sample the authors' CelebAHQ256 checkpoint (see README)
+	$(BIN)/python stages/release.py $@
+	$(DVC) repro evaluate@$@ sample@$@
 	$(DVC) repro --force --single-item summary
 
 readme: install ## Copy the results table of metrics/summary.md into README.md

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -129,6 +130,16 @@ class SampleConfig:
 
 
 @dataclass
+class ReleaseConfig:
+    """Where an experiment's weights come from when they are the authors' published checkpoint
+    (placed by hand at data/raw/<experiment>/<file>, verified against `sha256`)."""
+
+    url: str
+    sha256: str | None
+    file: str
+
+
+@dataclass
 class ExperimentConfig:
     name: str
     dataset: str
@@ -142,6 +153,7 @@ class ExperimentConfig:
     reported: dict[str, float] = field(default_factory=dict)
     baseline: str | None = None
     flip: bool = False  # random horizontal flips of training images, from datasets.<name>.flip
+    release: ReleaseConfig | None = None  # weights imported from the authors' checkpoint, not trained
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +335,7 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     raw = experiments[name]
     _require(isinstance(raw, dict), where, "expected a mapping.")
     allowed = {"dataset", "seed", "model", "trainer", "train", "evaluate", "sample", "reported", "baseline"}
+    allowed.add("release")
     for key in raw:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
@@ -390,6 +403,7 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     baseline = raw.get("baseline")
     if baseline is not None:
         _require(baseline in experiments, f"{where}.baseline", f"no experiment named {baseline!r}.")
+    release = _release_config(raw.get("release"), kind, f"{where}.release")
     return ExperimentConfig(
         name=name,
         dataset=dataset,
@@ -403,7 +417,25 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
         reported=reported,
         baseline=baseline,
         flip=flip,
+        release=release,
     )
+
+
+def _release_config(raw: Any, kind: str, where: str) -> ReleaseConfig | None:
+    if raw is None:
+        return None
+    release = ReleaseConfig(**build_section(ReleaseConfig, raw, where))
+    _require(kind == "density", where, "the authors published density (SDN-VAE) checkpoints only.")
+    _require(
+        release.sha256 is None or re.fullmatch("[0-9a-fA-F]{64}", release.sha256) is not None,
+        f"{where}.sha256", "must be 64 hex digits, or null until the file is first placed.",
+    )
+    _require(
+        release.file not in ("", ".", "..") and "/" not in release.file and "\\" not in release.file,
+        f"{where}.file",
+        f"must be a bare file name (it is placed in data/raw/<experiment>/), got {release.file!r}.",
+    )
+    return release
 
 
 def validate_params(params: dict[str, Any]) -> list[ExperimentConfig]:

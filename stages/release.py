@@ -1,0 +1,20 @@
+"""DVC stage `release@<experiment>`: import the authors' checkpoint of an experiment.
+
+Reads data/raw/<experiment>/<release.file> (placed by hand, verified against release.sha256) and
+writes data/checkpoints/<experiment>/last.ckpt, which the evaluate and sample stages load.
+"""
+
+from sdn.config import experiment_config, load_params, validate_params
+from sdn.pipeline import DATA, checkpoint_dir, run_stage
+from sdn.release import import_release
+
+
+def main(name: str) -> None:
+    params = load_params()
+    validate_params(params)
+    cfg = experiment_config(params, name)
+    import_release(cfg, DATA / "raw", checkpoint_dir(name))
+
+
+if __name__ == "__main__":
+    run_stage(main, "python stages/release.py <experiment>")
