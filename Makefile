@@ -18,8 +18,9 @@ DATASETS := $(DEFAULT_DATASETS) $(PAPER_DATASETS)
 .DEFAULT_GOAL := all
 .PHONY: all help install test test-slow lint bench metrics diff plots summary readme $(DATASETS)
 
-all: install ## Install, then rebuild the default offline experiments (photos32, sprites) and the summary
-	$(DVC) repro summary
+all: install ## Install, then rebuild the enabled experiments (pipeline.yaml; photos32, sprites) and the summary
+	$(DVC) repro
+	$(BIN)/python -m sdn readme
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_ -]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort | \
@@ -55,12 +56,17 @@ diff: install ## Compare metrics with another commit: make diff REV=HEAD~1
 plots: install ## Render training curves and sample grids to dvc_plots/index.html
 	$(DVC) plots show
 
+# Enabling a dataset adds its experiments to pipeline.yaml (commit it with the results): from then on
+# `dvc repro`, `dvc status`, metrics, plots and the summary include them.
 $(DATASETS): install
+	$(BIN)/python -m sdn pipeline enable $@
 	$(DVC) repro $(foreach e,$@-sdn $@-cnn,evaluate@$(e) sample@$(e))
-	$(DVC) repro --force --single-item summary
+	$(DVC) repro summary
+	$(BIN)/python -m sdn readme
 
 readme: install ## Copy the results table of metrics/summary.md into README.md
 	$(BIN)/python -m sdn readme
 
-summary: install ## Rebuild metrics/summary.{md,csv} from every evaluated experiment
-	$(DVC) repro --force --single-item summary
+summary: install ## Rebuild metrics/summary.{md,csv} from the enabled experiments, and the README's table
+	$(DVC) repro summary
+	$(BIN)/python -m sdn readme

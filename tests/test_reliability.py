@@ -458,7 +458,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(
     with pytest.raises(SimulatedCrash, match="simulated crash at step 5"):
         crashed.train(cfg, [CrashAt(5)])
     assert load_checkpoint(crashed.ckpt / LAST_CHECKPOINT)["global_step"] == resumed_at
-    assert not crashed.metrics.exists()  # curves are written at the end only
+    # the curves so far were written as the run went: every logged step before the crash, once
+    assert pd.read_csv(crashed.metrics / "train.csv")["step"].tolist() == [1, 2, 3, 4]
+    assert pd.read_csv(crashed.metrics / "val.csv")["step"].tolist() == [3]
     capsys.readouterr()
 
     resuming = f"resuming {EXPERIMENT} from {crashed.ckpt / LAST_CHECKPOINT} at step {resumed_at}"
@@ -771,7 +773,7 @@ def test_full_disk_while_writing_curves_or_metrics_keeps_the_previous_files(
     workdir.train(cfg)
     workdir.evaluate(cfg)
     before = {p.name: p.read_bytes() for p in workdir.metrics.iterdir()}
-    assert sorted(before) == ["eval.json", "train.csv", "val.csv"]
+    assert sorted(before) == ["eval.json", "live.json", "train.csv", "val.csv"]
     json.loads(before["eval.json"])
 
     def half_then_full(self: Path, data: str, *args, **kwargs) -> int:
