@@ -29,7 +29,7 @@ def info(name: str) -> dict:
 def pipeline_command(action: str, names: list[str]) -> int:
     """Edit or show the registry of enabled runs (pipeline.yaml and dvc.yaml's generated blocks)."""
     from sdn.config import load_params
-    from sdn.pipeline import (
+    from sdn.registry import (
         DEFAULT_RUNS,
         RegistryError,
         check_registry,
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sdn.config import ConfigError
     from sdn.data import DataError
-    from sdn.pipeline import RegistryError
+    from sdn.registry import RegistryError
 
     try:
         if args.command == "pipeline":

@@ -4,7 +4,7 @@ enabled run (pipeline.yaml), exactly the files dvc.yaml lists as this stage's de
 from pathlib import Path
 
 from sdn.config import load_params, validate_params
-from sdn.pipeline import enabled_runs
+from sdn.registry import enabled_runs
 from sdn.summary import summary_table, write_summary
 
 
