@@ -16,7 +16,7 @@ PAPER_DATASETS := cifar10 imagenet32 celebahq256 3dshapes
 DATASETS := $(DEFAULT_DATASETS) $(PAPER_DATASETS)
 
 .DEFAULT_GOAL := all
-.PHONY: all help install test test-slow lint bench metrics diff plots summary readme $(DATASETS)
+.PHONY: all help install lock test test-slow lint bench metrics diff plots summary readme $(DATASETS)
 
 all: install ## Install, then rebuild the enabled experiments (pipeline.yaml; photos32, sprites) and the summary
 	$(DVC) repro
@@ -27,12 +27,26 @@ help: ## List the targets
 		awk -F"\t" '{printf "  %-14s %s\n", $$1, $$2}'
 	@echo "  <dataset>      Run one dataset's experiments (SDN and CNN): $(DATASETS)"
 
-install: $(STAMP) ## Create .venv and install the project (editable) with its pinned dependencies
+install: $(STAMP) ## Create .venv and install the locked dependencies (requirements.lock), then the project
 
-$(STAMP): pyproject.toml
+# requirements.lock pins every transitive dependency with its hashes: the same environment on every
+# machine and every year. The project itself goes in editable, without touching the locked set.
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
+
+# uv does not read pip's configuration: it is handed the same extra indexes and wheel folders, and
+# like pip considers every index for every package.
+PIP_SETTING = $(shell $(BIN)/python -m pip config get global.$(1) 2>/dev/null)
+lock: ## Re-resolve requirements.lock from pyproject.toml (after changing a dependency), then `make install`
+	@test -x $(BIN)/uv || { echo "uv missing: run make install first"; exit 1; }
+	UV_INDEX_STRATEGY=unsafe-best-match \
+	$(if $(call PIP_SETTING,extra-index-url),UV_EXTRA_INDEX_URL="$(call PIP_SETTING,extra-index-url)") \
+	$(if $(call PIP_SETTING,find-links),UV_FIND_LINKS="$(call PIP_SETTING,find-links)") \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --quiet \
+		--python $(BIN)/python --custom-compile-command "make lock" -o requirements.lock
 
 test: install ## Run the test suite (slow tests excluded)
 	$(BIN)/python -m pytest -m "not slow"
@@ -53,8 +67,9 @@ metrics: install ## Show the committed metrics as a markdown table
 diff: install ## Compare metrics with another commit: make diff REV=HEAD~1
 	$(DVC) metrics diff $(or $(REV),HEAD) --md
 
-plots: install ## Render training curves and sample grids to dvc_plots/index.html
+plots: install ## Render curves, SDN-vs-CNN comparisons and sample grids (dvc_plots/index.html); redraw metrics/comparison.png
 	$(DVC) plots show
+	$(BIN)/python -m sdn plots
 
 # Enabling a dataset adds its experiments to pipeline.yaml (commit it with the results): from then on
 # `dvc repro`, `dvc status`, metrics, plots and the summary include them.

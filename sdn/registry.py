@@ -81,11 +81,10 @@ def resolve_runs(
     return {name: experiments[name]["dataset"] for name in experiments if name in wanted}
 
 
-def generated_blocks(params: dict, runs: dict[str, str]) -> dict[str, list[str]]:
-    """The lines (unindented) of each generated block of dvc.yaml for the enabled `runs`."""
+def comparison_groups(params: dict, runs: dict[str, str]) -> list[list[str]]:
+    """Each enabled run with its enabled baseline (SDN first), or alone where it has none."""
     experiments = params.get("experiments") or {}
-    summary = [f"- {METRICS / name / 'eval.json'}" for name in runs]
-    plots: list[str] = []
+    groups: list[list[str]] = []
     shown: set[str] = set()
     for name in runs:
         if name in shown:
@@ -93,10 +92,19 @@ def generated_blocks(params: dict, runs: dict[str, str]) -> dict[str, list[str]]
         baseline = experiments[name].get("baseline")
         group = [name] + ([baseline] if baseline in runs and baseline not in shown else [])
         shown.update(group)
+        groups.append(group)
+    return groups
+
+
+def generated_blocks(params: dict, runs: dict[str, str]) -> dict[str, list[str]]:
+    """The lines (unindented) of each generated block of dvc.yaml for the enabled `runs`."""
+    summary = [f"- {METRICS / name / 'eval.json'}" for name in runs]
+    plots: list[str] = []
+    for group in comparison_groups(params, runs):
         label = " vs ".join(group)
         for column, title in COMPARED:
             plots += [
-                f"- compare/{name}/{column}:",
+                f"- compare/{group[0]}/{column}:",
                 f"    title: '{label}: {title}'",
                 "    template: linear",
                 "    x: step",
