@@ -21,6 +21,7 @@ DATASETS := $(DEFAULT_DATASETS) $(PAPER_DATASETS)
 all: install ## Install, then rebuild the enabled experiments (pipeline.yaml; photos32, sprites) and the summary
 	$(DVC) repro
 	$(BIN)/python -m sdn readme
+	$(BIN)/python -m sdn plots
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_ -]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort | \
@@ -78,6 +79,7 @@ $(DATASETS): install
 	$(DVC) repro $(foreach e,$@-sdn $@-cnn,evaluate@$(e) sample@$(e))
 	$(DVC) repro summary
 	$(BIN)/python -m sdn readme
+	$(BIN)/python -m sdn plots
 
 readme: install ## Copy the results table of metrics/summary.md into README.md
 	$(BIN)/python -m sdn readme
@@ -85,3 +87,4 @@ readme: install ## Copy the results table of metrics/summary.md into README.md
 summary: install ## Rebuild metrics/summary.{md,csv} from the enabled experiments, and the README's table
 	$(DVC) repro summary
 	$(BIN)/python -m sdn readme
+	$(BIN)/python -m sdn plots

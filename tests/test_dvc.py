@@ -272,3 +272,42 @@ def test_committed_comparison_picture_is_the_one_the_curves_give(tmp_path: Path)
     committed = Image.open(REPO / "metrics" / "comparison.png").convert("RGB")
     assert ImageChops.difference(Image.open(drawn).convert("RGB"), committed).getbbox() is None, \
         "metrics/comparison.png is stale: run `make plots`"
+
+
+# ---- the locked environment -----------------------------------------------------------------------
+
+
+def locked_versions() -> dict[str, str]:
+    import re
+
+    text = (REPO / "requirements.lock").read_text()
+    return {re.sub(r"[-_.]+", "-", name).lower(): version
+            for name, version in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", text, re.M)}
+
+
+def test_lock_pins_every_declared_dependency_with_hashes() -> None:
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    locked = locked_versions()
+    declared = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    for requirement in declared:
+        name, version = requirement.split("==")
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        assert locked.get(key) == version, f"requirements.lock has {key} {locked.get(key)}: run `make lock`"
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", (REPO / "requirements.lock").read_text().split("\n", 2)[2])
+    assert all("--hash=sha256:" in block for block in blocks if "==" in block)
+    assert {"torch", "nvidia-cublas", "lightning-utilities", "dvc-data"} <= set(locked)  # transitive too
+
+
+def test_console_script_runs_the_command_line() -> None:
+    import tomllib
+
+    from sdn.__main__ import main
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"sdn": "sdn.__main__:main"} and callable(main)
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0

@@ -189,15 +189,16 @@ def test_make_dataset_dry_run_reproduces_that_datasets_stages() -> None:
     commands = result.stdout.splitlines()
     enable = next(i for i, line in enumerate(commands) if "-m sdn pipeline enable cifar10" in line)
     assert enable < min(i for i, line in enumerate(commands) if "dvc repro" in line), "enabled before it runs"
-    assert "-m sdn readme" in commands[-1], "and the README's table follows the new summary"
+    assert "-m sdn readme" in commands[-2], "and the README's table follows the new summary"
+    assert "-m sdn plots" in commands[-1], "and the comparison picture the new curves"
 
 
 def test_make_refreshes_the_readme_after_the_pipeline() -> None:
     # `make` rewrites metrics/summary.md; the README's copy of it must follow, or `make test` fails
     result = subprocess.run(["make", "-n", "all"], cwd=REPO, capture_output=True, text=True, check=True)
-    commands = [line for line in result.stdout.splitlines() if "dvc repro" in line or "sdn readme" in line]
-    kinds = [("dvc repro" in line, "sdn readme" in line) for line in commands]
-    assert kinds == [(True, False), (False, True)]
+    commands = [line for line in result.stdout.splitlines() if "dvc repro" in line or " -m sdn " in line]
+    kinds = [("dvc repro" in line, "sdn readme" in line, "sdn plots" in line) for line in commands]
+    assert kinds == [(True, False, False), (False, True, False), (False, False, True)]
     assert "--force" not in result.stdout
     assert "--force" not in (REPO / "Makefile").read_text()
 
