@@ -111,7 +111,8 @@ def generated_blocks(params: dict, runs: dict[str, str]) -> dict[str, list[str]]
                 "    y:",
                 *(f"      {METRICS / run / 'val.csv'}: {column}" for run in group),
             ]
-    return {"summary inputs": summary, "comparison plots": plots}
+    params_read = [f"- experiments.{name}" for name in runs]
+    return {"summary inputs": summary, "summary params": params_read, "comparison plots": plots}
 
 
 def with_blocks(text: str, blocks: dict[str, list[str]], path: Path = DVC_YAML) -> str:
