@@ -481,9 +481,11 @@ class LiveCurves(pl.Callback):
             return
         for kind, (path, columns) in self._files().items():
             rows = getattr(pl_module, f"{kind}_rows")
-            write_csv_atomic(rows, path, columns)
+            if rows:  # resumed: the checkpoint's rows replace whatever the files hold
+                write_csv_atomic(rows, path, columns)
             self.written[kind] = len(rows)
-        self._write_latest(pl_module)
+        if pl_module.train_rows or pl_module.val_rows:
+            self._write_latest(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._append(trainer, pl_module)
@@ -496,16 +498,21 @@ class LiveCurves(pl.Callback):
             return
         grew = False
         for kind, (path, columns) in self._files().items():
-            rows = getattr(pl_module, f"{kind}_rows")[self.written[kind]:]
+            every = getattr(pl_module, f"{kind}_rows")
+            rows = every[self.written[kind]:]
             if not rows:
                 continue
-            text = "".join(",".join(_csv_value(row.get(c)) for c in columns) + "\n" for row in rows)
-            # one write to a file opened for appending: a kill leaves whole rows only
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
+            if self.written[kind] == 0:
+                # the file appears with its first rows, replacing any earlier run's in one step
+                write_csv_atomic(every, path, columns)
+            else:
+                text = "".join(",".join(_csv_value(row.get(c)) for c in columns) + "\n" for row in rows)
+                # one write to a file opened for appending: a kill leaves whole rows only
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.write(fd, text.encode())
+                finally:
+                    os.close(fd)
             self.written[kind] += len(rows)
             grew = True
         if grew:

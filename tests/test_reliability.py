@@ -596,7 +596,9 @@ def test_nan_weights_stop_training_and_keep_the_last_good_checkpoint(workdir: Wo
     images = torch.randint(0, 256, (2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.isfinite(model(model.obs.preprocess(images))["loss"]).all()
-    assert not workdir.metrics.exists()
+    # the curves show how far the run got: its finite losses, up to the step whose update was NaN
+    curve = pd.read_csv(workdir.metrics / "train.csv")
+    assert curve["step"].tolist() == [1, 2, 3, 4] and curve["loss_bpd"].notna().all()
 
 
 def test_exploding_loss_stops_the_train_stage_with_a_message(
@@ -606,7 +608,9 @@ def test_exploding_loss_stops_the_train_stage_with_a_message(
     message = run_stage_here(workdir.root, "train", EXPERIMENT, monkeypatch)
     assert message.startswith(f"error: non-finite loss (nan) at step 1 of {EXPERIMENT}. Training stopped")
     assert "Lower train.lr" in message
-    assert not workdir.ckpt.exists() and not workdir.metrics.exists()  # nothing good to keep yet
+    assert not workdir.ckpt.exists()  # nothing good to keep yet
+    # the curve shows how far it got: the one finite step logged before the loss blew up
+    assert pd.read_csv(workdir.metrics / "train.csv")["step"].tolist() == [1]
 
 
 # ---------------------------------------------------------------------------------------------
