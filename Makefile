@@ -16,22 +16,39 @@ PAPER_DATASETS := cifar10 imagenet32 celebahq256 3dshapes
 DATASETS := $(DEFAULT_DATASETS) $(PAPER_DATASETS)
 
 .DEFAULT_GOAL := all
-.PHONY: all help install test test-slow lint bench metrics diff plots summary readme celebahq256-release $(DATASETS)
+.PHONY: all help install lock test test-slow lint bench metrics diff plots summary readme celebahq256-release \
+	$(DATASETS)
 
-all: install ## Install, then rebuild the default offline experiments (photos32, sprites) and the summary
-	$(DVC) repro summary
+all: install ## Install, then rebuild the enabled experiments (pipeline.yaml; photos32, sprites) and the summary
+	$(DVC) repro
+	$(BIN)/python -m sdn readme
+	$(BIN)/python -m sdn plots
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_ -]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort | \
-		awk -F"\t" '{printf "  %-14s %s\n", $$1, $$2}'
-	@echo "  <dataset>      Run one dataset's experiments (SDN and CNN): $(DATASETS)"
+		awk -F"\t" '{printf "  %-20s %s\n", $$1, $$2}'
+	@echo "  <dataset>            Run one dataset's experiments (SDN and CNN): $(DATASETS)"
 
-install: $(STAMP) ## Create .venv and install the project (editable) with its pinned dependencies
+install: $(STAMP) ## Create .venv and install the locked dependencies (requirements.lock), then the project
 
-$(STAMP): pyproject.toml
+# requirements.lock pins every transitive dependency with its hashes: the same environment on every
+# machine and every year. The project itself goes in editable, without touching the locked set.
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
+
+# uv does not read pip's configuration: it is handed the same extra indexes and wheel folders, and
+# like pip considers every index for every package.
+PIP_SETTING = $(shell $(BIN)/python -m pip config get global.$(1) 2>/dev/null)
+lock: ## Re-resolve requirements.lock from pyproject.toml (after changing a dependency), then `make install`
+	@test -x $(BIN)/uv || { echo "uv missing: run make install first"; exit 1; }
+	UV_INDEX_STRATEGY=unsafe-best-match \
+	$(if $(call PIP_SETTING,extra-index-url),UV_EXTRA_INDEX_URL="$(call PIP_SETTING,extra-index-url)") \
+	$(if $(call PIP_SETTING,find-links),UV_FIND_LINKS="$(call PIP_SETTING,find-links)") \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --quiet \
+		--python $(BIN)/python --custom-compile-command "make lock" -o requirements.lock
 
 test: install ## Run the test suite (slow tests excluded)
 	$(BIN)/python -m pytest -m "not slow"
@@ -52,21 +69,32 @@ metrics: install ## Show the committed metrics as a markdown table
 diff: install ## Compare metrics with another commit: make diff REV=HEAD~1
 	$(DVC) metrics diff $(or $(REV),HEAD) --md
 
-plots: install ## Render training curves and sample grids to dvc_plots/index.html
+plots: install ## Render curves, SDN-vs-CNN comparisons and sample grids (dvc_plots/index.html); redraw metrics/comparison.png
 	$(DVC) plots show
+	$(BIN)/python -m sdn plots
 
+# Enabling a dataset adds its experiments to pipeline.yaml (commit it with the results): from then on
+# `dvc repro`, `dvc status`, metrics, plots and the summary include them.
 $(DATASETS): install
+	$(BIN)/python -m sdn pipeline enable $@
 	$(DVC) repro $(foreach e,$@-sdn $@-cnn,evaluate@$(e) sample@$(e))
-	$(DVC) repro --force --single-item summary
+	$(DVC) repro summary
+	$(BIN)/python -m sdn readme
+	$(BIN)/python -m sdn plots
 
-# The stage runs once outside DVC first, so that a missing checkpoint ends with its one-line error.
+# The import runs once outside DVC first, so that a missing checkpoint ends with its one-line error.
 celebahq256-release: install ## Evaluate and sample the authors' CelebAHQ256 checkpoint (see README)
 	$(BIN)/python stages/release.py $@
+	$(BIN)/python -m sdn pipeline enable $@
 	$(DVC) repro evaluate@$@ sample@$@
-	$(DVC) repro --force --single-item summary
+	$(DVC) repro summary
+	$(BIN)/python -m sdn readme
+	$(BIN)/python -m sdn plots
 
 readme: install ## Copy the results table of metrics/summary.md into README.md
 	$(BIN)/python -m sdn readme
 
-summary: install ## Rebuild metrics/summary.{md,csv} from every evaluated experiment
-	$(DVC) repro --force --single-item summary
+summary: install ## Rebuild metrics/summary.{md,csv} from the enabled experiments, and the README's table
+	$(DVC) repro summary
+	$(BIN)/python -m sdn readme
+	$(BIN)/python -m sdn plots

@@ -1,4 +1,7 @@
-"""Command line: `python -m sdn info <experiment>` and `python -m sdn inspect <dataset>`."""
+"""Command line: `python -m sdn info <experiment>`, `python -m sdn inspect <dataset>`, `python -m sdn
+pipeline enable|disable <dataset|experiment>` (which experiments dvc.yaml runs) and `python -m sdn readme`.
+
+Installed as the `sdn` console script: `sdn info photos32-sdn`."""
 
 from __future__ import annotations
 
@@ -30,6 +33,39 @@ def info(name: str) -> dict:
     }
 
 
+def pipeline_command(action: str, names: list[str]) -> int:
+    """Edit or show the registry of enabled runs (pipeline.yaml and dvc.yaml's generated blocks)."""
+    from sdn.config import load_params
+    from sdn.registry import (
+        DEFAULT_RUNS,
+        RegistryError,
+        check_registry,
+        enabled_runs,
+        resolve_runs,
+        write_registry,
+    )
+
+    params = load_params()
+    if action in ("list", "sync", "reset") and names:
+        raise RegistryError(f"`pipeline {action}` takes no names.")
+    if action in ("enable", "disable") and not names:
+        raise RegistryError(f"`pipeline {action}` needs a dataset or experiment name, e.g. cifar10.")
+    if action == "list":
+        for name, dataset in check_registry(params).items():
+            print(f"{name}\t{dataset}")
+        return 0
+    if action == "reset":
+        runs = resolve_runs(params, {}, list(DEFAULT_RUNS), [])
+    elif action == "sync":
+        runs = resolve_runs(params, enabled_runs(), [], [])
+    else:
+        enable, disable = (names, []) if action == "enable" else ([], names)
+        runs = resolve_runs(params, enabled_runs(), enable, disable)
+    write_registry(params, runs)
+    print(f"enabled: {', '.join(runs) or 'none'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdn", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,12 +76,31 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("dataset")
     inspect.add_argument("--data-root", default="data")
     commands.add_parser("readme", help="copy the table of metrics/summary.md into README.md")
+    commands.add_parser("plots", help="draw metrics/comparison.png: SDN and CNN validation curves")
+    pipeline = commands.add_parser(
+        "pipeline", help="the experiments dvc.yaml runs (pipeline.yaml): list, enable, disable, reset, sync"
+    )
+    pipeline.add_argument("action", choices=("list", "enable", "disable", "reset", "sync"))
+    pipeline.add_argument("names", nargs="*", metavar="dataset|experiment")
     args = parser.parse_args(argv)
 
     from sdn.config import ConfigError
     from sdn.data import DataError
+    from sdn.registry import RegistryError
 
     try:
+        if args.command == "pipeline":
+            return pipeline_command(args.action, args.names)
+        if args.command == "plots":
+            from pathlib import Path
+
+            from sdn.config import load_params
+            from sdn.plots import draw_comparison
+            from sdn.registry import check_registry
+
+            params = load_params()
+            print(draw_comparison(params, check_registry(params), Path("metrics/comparison.png")))
+            return 0
         if args.command == "info":
             result = info(args.experiment)
         elif args.command == "readme":
@@ -60,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             from sdn.data import inspect_dataset
 
             result = inspect_dataset(args.dataset, args.data_root)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, RegistryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

@@ -450,12 +450,12 @@ def validate_params(params: dict[str, Any]) -> list[ExperimentConfig]:
     return [experiment_config(params, name) for name in params.get("experiments") or {}]
 
 
-def build_model(cfg: ExperimentConfig):
-    """The plain `nn.Module` an experiment trains."""
-    if cfg.kind == "density":
-        from sdn.models.density import DensityVAE
+def __getattr__(name: str) -> Any:
+    # `build_model` needs the torch models: served from sdn.models.build on first use, so that the
+    # stages that only read the configuration (download, convert, summary) do not import the models
+    # and do not depend on their files.
+    if name == "build_model":
+        from sdn.models.build import build_model
 
-        return DensityVAE(cfg.model)
-    from sdn.models.disentanglement import DisentanglementVAE
-
-    return DisentanglementVAE(cfg.model)
+        return build_model
+    raise AttributeError(f"module 'sdn.config' has no attribute {name!r}")

@@ -458,17 +458,106 @@ def _check_image_shape(dataset, cfg: ExperimentConfig, split: str) -> None:
         )
 
 
-def write_csv_atomic(rows: list[dict[str, float]], path: Path) -> None:
+def write_csv_atomic(
+    rows: list[dict[str, float]], path: Path, columns: tuple[str, ...] | None = None
+) -> None:
     import pandas as pd
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
+        pd.DataFrame(rows, columns=list(columns) if columns else None).to_csv(tmp, index=False)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+TRAIN_COLUMNS = ("step", "loss_bpd", "neg_elbo_bpd", "kl_bpd", "lr")
+VAL_COLUMNS = ("step", "neg_elbo_bpd", "kl_bpd", "images")
+
+
+class LiveCurves(pl.Callback):
+    """Writes the curves while training runs, so that `dvc plots show` and `dvc exp show` follow a
+    running run and keep what a killed one reached: train.csv and val.csv grow by whole rows
+    (one `write` each, appended after every log interval and validation), live.json holds the
+    latest figures (replaced atomically).
+
+    The checkpoint carries its own copy of the rows (`sdn_curves`). When a run starts or resumes,
+    the files are rewritten from it: rows a killed run logged after its last checkpoint are
+    dropped and logged again, identically, by the resumed run, so the curves of a resumed run
+    equal those of an uninterrupted one, with no step missing or repeated."""
+
+    def __init__(self, metrics_dir: Path) -> None:
+        self.dir = metrics_dir
+        self.written = {"train": 0, "val": 0}
+
+    def _files(self) -> dict[str, tuple[Path, tuple[str, ...]]]:
+        return {"train": (self.dir / "train.csv", TRAIN_COLUMNS), "val": (self.dir / "val.csv", VAL_COLUMNS)}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: VAEModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        for kind, (path, columns) in self._files().items():
+            rows = getattr(pl_module, f"{kind}_rows")
+            if rows:  # resumed: the checkpoint's rows replace whatever the files hold
+                write_csv_atomic(rows, path, columns)
+            self.written[kind] = len(rows)
+        if pl_module.train_rows or pl_module.val_rows:
+            self._write_latest(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._append(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._append(trainer, pl_module)
+
+    def _append(self, trainer: pl.Trainer, pl_module: VAEModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        grew = False
+        for kind, (path, columns) in self._files().items():
+            every = getattr(pl_module, f"{kind}_rows")
+            rows = every[self.written[kind]:]
+            if not rows:
+                continue
+            if self.written[kind] == 0:
+                # the file appears with its first rows, replacing any earlier run's in one step
+                write_csv_atomic(every, path, columns)
+            else:
+                text = "".join(",".join(_csv_value(row.get(c)) for c in columns) + "\n" for row in rows)
+                # one write to a file opened for appending: a kill leaves whole rows only
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.write(fd, text.encode())
+                finally:
+                    os.close(fd)
+            self.written[kind] += len(rows)
+            grew = True
+        if grew:
+            self._write_latest(pl_module)
+
+    def _write_latest(self, pl_module: VAEModule) -> None:
+        latest: dict[str, Any] = {"step": int(pl_module.global_step)}
+        for kind in ("train", "val"):
+            rows = getattr(pl_module, f"{kind}_rows")
+            if rows:
+                latest[kind] = {k: v for k, v in rows[-1].items() if k != "step"}
+        path = self.dir / "live.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "w") as handle:
+                json.dump(latest, handle, indent=2)
+                handle.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _csv_value(value: Any) -> str:
+    # the format pandas writes, so that appended rows and rewritten files agree byte for byte
+    return "" if value is None else repr(value) if isinstance(value, float) else str(value)
 
 
 def _strategy(name: str) -> str:
@@ -527,7 +616,7 @@ def train_experiment(
         enable_model_summary=False,
         logger=False,
         enable_checkpointing=False,  # StepCheckpoint writes last.ckpt
-        callbacks=[checkpointing, *(extra_callbacks or [])],
+        callbacks=[checkpointing, LiveCurves(metrics_dir), *(extra_callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         default_root_dir=str(ckpt_dir),
@@ -558,7 +647,7 @@ def train_experiment(
         warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch")
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None)
     trainer.save_checkpoint(ckpt_dir / LAST_CHECKPOINT, weights_only=False)
-    if trainer.is_global_zero:
-        write_csv_atomic(module.train_rows, metrics_dir / "train.csv")
-        write_csv_atomic(module.val_rows, metrics_dir / "val.csv")
+    if trainer.is_global_zero:  # the complete curves, also when fit had nothing left to run
+        write_csv_atomic(module.train_rows, metrics_dir / "train.csv", TRAIN_COLUMNS)
+        write_csv_atomic(module.val_rows, metrics_dir / "val.csv", VAL_COLUMNS)
     return module

@@ -1,14 +1,19 @@
-"""DVC stage `summary`: metrics/summary.md and metrics/summary.csv from every evaluated experiment."""
+"""DVC stage `summary`: metrics/summary.md and metrics/summary.csv from the eval.json of every
+enabled run (pipeline.yaml), exactly the files dvc.yaml lists as this stage's deps."""
 
 from pathlib import Path
 
 from sdn.config import load_params, validate_params
+from sdn.registry import enabled_runs
 from sdn.summary import summary_table, write_summary
 
 
 def main() -> None:
-    experiments = validate_params(load_params())
-    write_summary(summary_table(experiments, Path("metrics")), Path("metrics"))
+    params = load_params()
+    experiments = validate_params(params)
+    enabled = enabled_runs()  # dvc.yaml lists their eval.json as deps: nothing else is read
+    chosen = [cfg for cfg in experiments if cfg.name in enabled]
+    write_summary(summary_table(chosen, Path("metrics")), Path("metrics"))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Writes data/checkpoints/<experiment>/last.ckpt and metrics/<experiment>/{train,val}.csv.
 """
 
-from sdn.config import experiment_config, load_params, validate_params
+from sdn.config import ConfigError, experiment_config, load_params, validate_params
 from sdn.pipeline import checkpoint_dir, lmdb_dir, metrics_dir, run_stage
 from sdn.training import train_experiment
 
@@ -12,6 +12,11 @@ def main(name: str) -> None:
     params = load_params()
     validate_params(params)
     cfg = experiment_config(params, name)
+    if cfg.release is not None:
+        raise ConfigError(
+            f"experiments.{name} imports the authors' checkpoint (its `release:` section) and is not "
+            f"trained here: run `python stages/release.py {name}` (or `make {name}`)."
+        )
     train_experiment(cfg, lmdb_dir(cfg.dataset), checkpoint_dir(name), metrics_dir(name))
 
 

@@ -1,6 +1,6 @@
 """End to end: the DVC pipeline on micro experiments, in a throw-away copy of the project.
 
-One module-wide build runs `dvc repro summary` once (three to four minutes here); the tests read it,
+One module-wide build runs a bare `dvc repro` once (three to four minutes here); the tests read it,
 and those that change things (a parameter, a git commit) work on a copy or a clone of it. The
 determinism tests build a second copy from scratch and are marked slow (`make test-slow`).
 """
@@ -13,6 +13,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ class ProjectAt(Project):
 @dataclass
 class Build:
     project: Project
-    repro_output: str  # stdout and stderr of its `dvc repro summary`
+    repro_output: str  # stdout and stderr of its `dvc repro`
     source: str  # the commit it was built from: micro params, no results
 
 
@@ -116,9 +117,8 @@ def eval_metrics(root: Path, experiment: str) -> dict[str, Any]:
 
 
 def pipeline_status(project: Project) -> dict[str, Any]:
-    """`dvc status` of the default pipeline (the paper datasets' stages, never run here, always
-    show as changed, so the status is taken of `summary` and everything it depends on)."""
-    return json.loads(project.dvc("status", "summary", "--with-deps", "--json").stdout)
+    """A bare `dvc status`: the pipeline holds only the enabled (default) runs."""
+    return json.loads(project.dvc("status", "--json").stdout)
 
 
 def head(project: Project) -> str:
@@ -127,10 +127,10 @@ def head(project: Project) -> str:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Build:
-    """The micro pipeline after one `dvc repro summary`, with dvc.lock and metrics/ committed."""
+    """The micro pipeline after one bare `dvc repro`, with dvc.lock and metrics/ committed."""
     project = Project(tmp_path_factory.mktemp("built"))
     source = head(project)
-    build = Build(project, output_of(project.dvc("repro", "summary")), source)
+    build = Build(project, output_of(project.dvc("repro")), source)
     commit(project, "micro run")
     return build
 
@@ -138,7 +138,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Build:
 @pytest.fixture(scope="module")
 def changed(built: Build, tmp_path_factory: pytest.TempPathFactory) -> Change:
     """A copy of the built project (cache, data and git history included) after doubling one
-    experiment's learning rate and running `dvc repro summary` again."""
+    experiment's learning rate and running `dvc repro` again."""
     project = ProjectAt(tmp_path_factory.mktemp("changed") / "project")
     shutil.copytree(built.project.root, project.root, symlinks=True)
     params = project.read_params()
@@ -163,7 +163,7 @@ def changed(built: Build, tmp_path_factory: pytest.TempPathFactory) -> Change:
     ]
     before = snapshot(project.root, untouched)
     status = pipeline_status(project)
-    repro = project.dvc("repro", "summary")
+    repro = project.dvc("repro")
     return Change(project, status, output_of(repro), before, snapshot(project.root, untouched))
 
 
@@ -186,6 +186,32 @@ def test_make_dataset_dry_run_reproduces_that_datasets_stages() -> None:
     expected = {f"{stage}@cifar10-{arch}" for stage in ("evaluate", "sample") for arch in ("sdn", "cnn")}
     assert stages == expected
     assert any("summary" in words for words in repros), "make <dataset> also refreshes the summary"
+    commands = result.stdout.splitlines()
+    enable = next(i for i, line in enumerate(commands) if "-m sdn pipeline enable cifar10" in line)
+    assert enable < min(i for i, line in enumerate(commands) if "dvc repro" in line), "enabled before it runs"
+    assert "-m sdn readme" in commands[-2], "and the README's table follows the new summary"
+    assert "-m sdn plots" in commands[-1], "and the comparison picture the new curves"
+
+
+def test_make_refreshes_the_readme_after_the_pipeline() -> None:
+    # `make` rewrites metrics/summary.md; the README's copy of it must follow, or `make test` fails
+    result = subprocess.run(["make", "-n", "all"], cwd=REPO, capture_output=True, text=True, check=True)
+    commands = [line for line in result.stdout.splitlines() if "dvc repro" in line or " -m sdn " in line]
+    kinds = [("dvc repro" in line, "sdn readme" in line, "sdn plots" in line) for line in commands]
+    assert kinds == [(True, False, False), (False, True, False), (False, False, True)]
+    assert "--force" not in result.stdout
+    assert "--force" not in (REPO / "Makefile").read_text()
+
+
+def test_readme_follows_a_rebuilt_summary(built: Build) -> None:
+    from sdn.summary import with_results
+
+    root = built.project.root
+    built.project.run(str(Path(sys.executable)), "-m", "sdn", "readme")
+    readme = (root / "README.md").read_text()
+    assert with_results(readme, (root / "metrics" / "summary.md").read_text()) == readme
+    assert "photos32-sdn" in readme
+    built.project.git("checkout", "README.md")
 
 
 # ---- the first `dvc repro summary` -------------------------------------------------------------
@@ -263,10 +289,9 @@ def test_plots_show_renders_curves_and_sample_grids(built: Build, tmp_path: Path
     result = built.project.dvc("plots", "show", "--json", "-o", str(tmp_path / "plots"))
     plots = json.loads(result.stdout)["data"]
     for name in DEFAULT_EXPERIMENTS:
-        for curve in ("train.csv", "val.csv"):
-            (plot,) = plots[f"metrics/{name}/{curve}"]
-            rows = plot["content"]["data"]["values"]
-            assert rows and {"step", "neg_elbo_bpd"} <= set(rows[0]), f"{name}/{curve}"
+        (plot,) = plots[f"metrics/{name}/train.csv"]
+        rows = plot["content"]["data"]["values"]
+        assert rows and {"step", "neg_elbo_bpd"} <= set(rows[0]), f"{name}/train.csv"
         grids = [path for path in plots if path.startswith(f"metrics/{name}/samples/")]
         assert grids, f"no sample plots for {name}"
         for path in grids:
@@ -274,9 +299,49 @@ def test_plots_show_renders_curves_and_sample_grids(built: Build, tmp_path: Path
             assert image["type"] == "image" and Path(image["url"]).is_file()
 
 
+def test_plots_show_overlays_each_sdn_run_with_its_baseline(built: Build, tmp_path: Path) -> None:
+    plots = json.loads(built.project.dvc("plots", "show", "--json", "-o", str(tmp_path)).stdout)["data"]
+    for dataset in DEFAULT_DATASETS:
+        for column in ("neg_elbo_bpd", "kl_bpd"):
+            (plot,) = plots[f"compare/{dataset}-sdn/{column}"]
+            rows = plot["content"]["data"]["values"]
+            runs = {row["filename"].split("/")[0] for row in rows}
+            assert runs == {f"{dataset}-sdn", f"{dataset}-cnn"}, (dataset, column)
+            for run in runs:
+                want = pd.read_csv(built.project.root / "metrics" / run / "val.csv")
+                got = [(int(r["step"]), float(r[column])) for r in rows if r["filename"].startswith(run)]
+                assert got == list(zip(want["step"], want[column], strict=True))
+
+
+def test_offline_clean_dvc_commands_see_only_the_default_runs(built: Build) -> None:
+    """A fresh clone without the paper's data: no paper stage, no warning, in any dvc view."""
+    project = built.project
+    # `dvc exp show` lists every key of params.yaml, where the paper's presets stay defined: the
+    # check for paper names leaves out those parameter columns, the check for warnings does not
+    params_columns = r"experiments\.|datasets\.|trainer\."
+    outputs = {
+        " ".join(args): output_of(project.dvc(*args))
+        for args in (("status",), ("repro", "--dry"), ("metrics", "show"), ("plots", "show", "--json"),
+                     ("exp", "show", "--no-pager", "--md", "--drop", params_columns), ("params", "diff"))
+    }
+    full_exp_show = output_of(project.dvc("exp", "show", "--no-pager", "--md"))
+    assert not any(warning in full_exp_show for warning in ("WARNING", "failed to load", "ERROR"))
+    assert "Data and pipelines are up to date" in outputs["status"]
+    for command, text in outputs.items():
+        for word in ("cifar10", "imagenet32", "celebahq256", "3dshapes"):
+            assert word not in text, f"`dvc {command}` mentions {word}"
+        for warning in ("WARNING", "failed to load", "ERROR"):
+            assert warning not in text, f"`dvc {command}`: {text[-2000:]}"
+    for name in DEFAULT_EXPERIMENTS:
+        assert f"metrics/{name}/eval.json" in outputs["metrics show"]
+    live = json.loads((project.root / "metrics" / "photos32-sdn" / "live.json").read_text())
+    assert live["step"] == project.read_params()["experiments"]["photos32-sdn"]["train"]["max_steps"]
+    assert "metrics/photos32-sdn/live.json" in outputs["metrics show"]
+
+
 def test_second_repro_does_nothing(built: Build) -> None:
     lock = (built.project.root / "dvc.lock").read_bytes()
-    output = output_of(built.project.dvc("repro", "summary"))
+    output = output_of(built.project.dvc("repro"))
     assert stages_run(output) == []
     for stage in DEFAULT_STAGES:
         assert f"Stage '{stage}' didn't change" in output
@@ -291,20 +356,19 @@ def test_push_then_pull_into_a_fresh_clone_leaves_nothing_to_run(built: Build, t
     origin = built.project
     origin.dvc("remote", "add", "-d", "local", str(tmp_path / "remote"))
     origin.dvc("push")
-    assert "in sync" in output_of(origin.dvc("status", "--cloud", "summary", "--with-deps"))
+    assert "in sync" in output_of(origin.dvc("status", "--cloud"))
     commit(origin, "DVC remote")  # the remote's address travels with the repository
 
     clone = ProjectAt(tmp_path / "clone")
     subprocess.run(["git", "clone", "-q", str(origin.root), str(clone.root)], check=True)
     assert not (clone.root / "data" / "checkpoints").exists()
-    # A plain `dvc pull` also tries the paper stages, which have no outputs recorded, and exits 1.
-    clone.dvc("pull", "summary", "--with-deps")
+    clone.dvc("pull")  # only the enabled runs: no paper stage without recorded outputs
     for name in DEFAULT_EXPERIMENTS:
         checkpoint = Path("data") / "checkpoints" / name / "last.ckpt"
         assert (clone.root / checkpoint).read_bytes() == (origin.root / checkpoint).read_bytes()
 
     assert pipeline_status(clone) == {}
-    assert stages_run(output_of(clone.dvc("repro", "summary"))) == []
+    assert stages_run(output_of(clone.dvc("repro"))) == []
     assert clone.git("status", "--porcelain").stdout == "", "the clone's repro rewrote tracked files"
 
 
@@ -312,13 +376,14 @@ def test_push_then_pull_into_a_fresh_clone_leaves_nothing_to_run(built: Build, t
 
 
 def test_changed_parameter_shows_only_that_experiments_stages_as_changed(changed: Change) -> None:
-    # the summary reads every experiment's baseline and reported figures, so it is stale too
+    # the summary reads every enabled experiment's baseline and reported figures, so it is stale too
     stages = {f"{stage}@{CHANGED}" for stage in ("train", "evaluate", "sample")}
     assert set(changed.status_before) == stages | {"summary"}
     for stage in stages:
         changes = changed.status_before[stage]
         assert {"changed deps": {"params.yaml": {f"experiments.{CHANGED}": "modified"}}} in changes, stage
-    assert {"changed deps": {"params.yaml": {"experiments": "modified"}}} in changed.status_before["summary"]
+    summary_change = {"changed deps": {"params.yaml": {f"experiments.{CHANGED}": "modified"}}}
+    assert summary_change in changed.status_before["summary"]
 
 
 def test_changed_parameter_reruns_only_that_experiment(changed: Change) -> None:
@@ -333,7 +398,7 @@ def test_metrics_diff_reports_the_changed_experiment(changed: Change) -> None:
     project = changed.project
     diff = json.loads(project.dvc("metrics", "diff", "--json").stdout)  # HEAD (the first run) vs workspace
     path = f"metrics/{CHANGED}/eval.json"
-    assert set(diff) == {path}
+    assert set(diff) == {path, f"metrics/{CHANGED}/live.json"}  # and the last training figures
     old = json.loads(project.git("show", f"HEAD:{path}").stdout)
     new = eval_metrics(project.root, CHANGED)
     moved = {key for key, value in new.items() if old.get(key) != value}
@@ -355,7 +420,7 @@ def rebuilt(built: Build, tmp_path_factory: pytest.TempPathFactory) -> Build:
     subprocess.run(["git", "clone", "-q", str(built.project.root), str(project.root)], check=True)
     project.git("checkout", "-q", built.source)
     assert not (project.root / "metrics" / DEFAULT_EXPERIMENTS[0]).exists()
-    return Build(project, output_of(project.dvc("repro", "summary")), built.source)
+    return Build(project, output_of(project.dvc("repro")), built.source)
 
 
 @pytest.mark.slow

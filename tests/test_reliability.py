@@ -458,7 +458,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(
     with pytest.raises(SimulatedCrash, match="simulated crash at step 5"):
         crashed.train(cfg, [CrashAt(5)])
     assert load_checkpoint(crashed.ckpt / LAST_CHECKPOINT)["global_step"] == resumed_at
-    assert not crashed.metrics.exists()  # curves are written at the end only
+    # the curves so far were written as the run went: every logged step before the crash, once
+    assert pd.read_csv(crashed.metrics / "train.csv")["step"].tolist() == [1, 2, 3, 4]
+    assert pd.read_csv(crashed.metrics / "val.csv")["step"].tolist() == [3]
     capsys.readouterr()
 
     resuming = f"resuming {EXPERIMENT} from {crashed.ckpt / LAST_CHECKPOINT} at step {resumed_at}"
@@ -594,7 +596,9 @@ def test_nan_weights_stop_training_and_keep_the_last_good_checkpoint(workdir: Wo
     images = torch.randint(0, 256, (2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.isfinite(model(model.obs.preprocess(images))["loss"]).all()
-    assert not workdir.metrics.exists()
+    # the curves show how far the run got: its finite losses, up to the step whose update was NaN
+    curve = pd.read_csv(workdir.metrics / "train.csv")
+    assert curve["step"].tolist() == [1, 2, 3, 4] and curve["loss_bpd"].notna().all()
 
 
 def test_exploding_loss_stops_the_train_stage_with_a_message(
@@ -604,7 +608,9 @@ def test_exploding_loss_stops_the_train_stage_with_a_message(
     message = run_stage_here(workdir.root, "train", EXPERIMENT, monkeypatch)
     assert message.startswith(f"error: non-finite loss (nan) at step 1 of {EXPERIMENT}. Training stopped")
     assert "Lower train.lr" in message
-    assert not workdir.ckpt.exists() and not workdir.metrics.exists()  # nothing good to keep yet
+    assert not workdir.ckpt.exists()  # nothing good to keep yet
+    # the curve shows how far it got: the one finite step logged before the loss blew up
+    assert pd.read_csv(workdir.metrics / "train.csv")["step"].tolist() == [1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -771,7 +777,7 @@ def test_full_disk_while_writing_curves_or_metrics_keeps_the_previous_files(
     workdir.train(cfg)
     workdir.evaluate(cfg)
     before = {p.name: p.read_bytes() for p in workdir.metrics.iterdir()}
-    assert sorted(before) == ["eval.json", "train.csv", "val.csv"]
+    assert sorted(before) == ["eval.json", "live.json", "train.csv", "val.csv"]
     json.loads(before["eval.json"])
 
     def half_then_full(self: Path, data: str, *args, **kwargs) -> int:

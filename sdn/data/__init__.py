@@ -9,7 +9,6 @@ from typing import Any
 
 from sdn.data.errors import ChecksumError, DataError, DatasetError, DatasetNotFoundError, DownloadError
 from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, inspect_dataset, read_metadata
-from sdn.data.sources import SOURCES, convert_dataset, download_dataset, make_source
 
 __all__ = [
     "SOURCES",
@@ -31,9 +30,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The DataModule needs pytorch_lightning, slow to import: only load it when it is used.
+    # Loaded on first use. The DataModule needs pytorch_lightning, slow to import; the sources
+    # import every dataset's downloader and reader, which training does not need (nor should it
+    # re-run when they change: dvc.yaml lists each stage's modules).
     if name in ("EpochSampler", "ImageDataModule"):
         from sdn.data import datamodule
 
         return getattr(datamodule, name)
+    if name in ("SOURCES", "convert_dataset", "download_dataset", "make_source"):
+        from sdn.data import sources
+
+        return getattr(sources, name)
     raise AttributeError(f"module 'sdn.data' has no attribute {name!r}")

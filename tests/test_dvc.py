@@ -1,0 +1,313 @@
+"""The DVC side: every stage lists the project modules it imports, the registry of enabled runs
+(pipeline.yaml and dvc.yaml's generated blocks), and curves written while training runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import yaml
+
+from sdn.config import load_params
+from sdn.registry import (
+    DEFAULT_RUNS,
+    RegistryError,
+    check_registry,
+    enabled_runs,
+    generated_blocks,
+    resolve_runs,
+    with_blocks,
+)
+from tests.import_closure import import_closure
+from tests.pipeline_project import REPO
+from tests.test_reliability import CrashAt, SimulatedCrash, Workdir, isolated_torch, tiny_cfg  # noqa: F401
+
+STAGES = ("download", "convert", "train", "evaluate", "sample", "summary")
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def covered(module: Path, deps: list[str]) -> bool:
+    """Whether a dep (a file, or a folder holding the module) of `deps` covers `module`."""
+    return any(module == Path(dep) or Path(dep) in module.parents for dep in deps)
+
+
+# ---- every dependency tracked -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_deps_cover_every_module_its_script_imports(stage: str) -> None:
+    spec = dvc_stages()[stage]
+    spec = spec.get("do", spec)
+    script = Path(spec["cmd"].split()[1])
+    deps = [dep for dep in spec["deps"] if "${" not in dep]
+    missing = sorted(str(m) for m in import_closure(REPO / script, REPO) if not covered(m, deps))
+    assert missing == [], f"dvc.yaml stage {stage} runs {missing} without listing them in its deps"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_deps_list_no_module_it_does_not_import(stage: str) -> None:
+    # tight: a change to a module re-runs only the stages that import it
+    spec = dvc_stages()[stage]
+    spec = spec.get("do", spec)
+    closure = import_closure(REPO / spec["cmd"].split()[1], REPO)
+    code = [dep for dep in spec["deps"] if dep.startswith(("sdn", "stages"))]
+    unused = [dep for dep in code if not any(covered(module, [dep]) for module in closure)]
+    assert unused == []
+
+
+def test_data_stages_depend_on_neither_models_nor_layers() -> None:
+    for stage in ("download", "convert", "summary"):
+        closure = {str(m) for m in import_closure(REPO / "stages" / f"{stage}.py", REPO)}
+        heavy = {"sdn/layers.py", "sdn/sweep.py", "sdn/training.py", "sdn/models/density.py"}
+        assert not closure & heavy, stage
+    train = {str(m) for m in import_closure(REPO / "stages" / "train.py", REPO)}
+    assert {"sdn/__init__.py", "sdn/layers.py", "sdn/sweep.py", "sdn/data/lmdb_store.py"} <= train
+    assert "sdn/data/sources.py" not in train  # training reads LMDB only
+
+
+def write_package(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_import_closure_follows_function_level_and_lazy_imports(tmp_path: Path) -> None:
+    write_package(tmp_path, {
+        "script.py": "from sdn.a import f\n",
+        "sdn/__init__.py": "def __getattr__(name):\n    if name == 'Heavy':\n        from sdn import heavy\n",
+        "sdn/a.py": "def f():\n    from sdn.sub.b import g\n",
+        "sdn/sub/__init__.py": "",
+        "sdn/sub/b.py": "from sdn import Heavy\n",
+        "sdn/heavy.py": "",
+        "sdn/unused.py": "",
+    })
+    closure = {str(p) for p in import_closure(tmp_path / "script.py", tmp_path)}
+    assert closure == {"script.py", "sdn/__init__.py", "sdn/a.py", "sdn/sub/__init__.py", "sdn/sub/b.py",
+                       "sdn/heavy.py"}
+    (tmp_path / "sdn/sub/b.py").write_text("import os\n")  # nobody asks for Heavy: not followed
+    closure = {str(p) for p in import_closure(tmp_path / "script.py", tmp_path)}
+    assert "sdn/heavy.py" not in closure and "sdn/sub/b.py" in closure
+
+
+def test_lazy_attributes_still_import() -> None:
+    code = ("from sdn import SDNLayer; from sdn.config import build_model; "
+            "from sdn.data import convert_dataset, ImageDataModule; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+# ---- the registry of enabled runs ---------------------------------------------------------------
+
+
+def test_committed_registry_enables_the_defaults_and_matches_dvc_yaml() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert check_registry(params, REPO) == {
+        name: params["experiments"][name]["dataset"] for name in DEFAULT_RUNS
+    }
+    registry = yaml.safe_load((REPO / "pipeline.yaml").read_text())
+    assert registry["enabled_datasets"] == ["photos32", "sprites"]
+
+
+def project_copy(tmp_path: Path) -> Path:
+    for name in ("dvc.yaml", "pipeline.yaml", "params.yaml"):
+        shutil.copy2(REPO / name, tmp_path / name)
+    return tmp_path
+
+
+def sdn_pipeline(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(REPO), "PATH": str(Path(sys.executable).parent)}
+    result = subprocess.run([sys.executable, "-m", "sdn", "pipeline", *args], cwd=root, env=env,
+                            capture_output=True, text=True)
+    assert (result.returncode == 0) == check, result.stderr
+    return result
+
+
+def test_enable_a_dataset_adds_its_runs_and_their_summary_inputs_and_comparison(tmp_path: Path) -> None:
+    root = project_copy(tmp_path)
+    before = {name: (root / name).read_text() for name in ("dvc.yaml", "pipeline.yaml")}
+    sdn_pipeline(root, "enable", "cifar10")
+    runs = enabled_runs(root)
+    experiments = load_params(root / "params.yaml")["experiments"]
+    wanted = [*DEFAULT_RUNS, "cifar10-sdn", "cifar10-cnn"]
+    assert list(runs) == [name for name in experiments if name in wanted]  # params.yaml order
+    assert yaml.safe_load((root / "pipeline.yaml").read_text())["enabled_datasets"].count("cifar10") == 1
+    dvc = yaml.safe_load((root / "dvc.yaml").read_text())
+    assert "metrics/cifar10-sdn/eval.json" in dvc["stages"]["summary"]["deps"]
+    compare = [next(iter(plot)) for plot in dvc["plots"]]
+    assert "compare/cifar10-sdn/neg_elbo_bpd" in compare and "compare/cifar10-sdn/kl_bpd" in compare
+    once = {name: (root / name).read_text() for name in ("dvc.yaml", "pipeline.yaml")}
+    sdn_pipeline(root, "enable", "cifar10")  # idempotent
+    assert {name: (root / name).read_text() for name in once} == once
+    sdn_pipeline(root, "disable", "cifar10")
+    assert {name: (root / name).read_text() for name in before} == before  # byte for byte
+
+
+def test_registry_names_bad_input(tmp_path: Path) -> None:
+    root = project_copy(tmp_path)
+    error = sdn_pipeline(root, "enable", "cifar100", check=False).stderr
+    assert "cifar100: neither an experiment nor a dataset of params.yaml" in error
+    text = (root / "dvc.yaml").read_text().replace("      - metrics/sprites-cnn/eval.json\n", "")
+    (root / "dvc.yaml").write_text(text)
+    assert "python -m sdn pipeline sync" in sdn_pipeline(root, "list", check=False).stderr
+    sdn_pipeline(root, "sync")
+    assert check_registry(load_params(root / "params.yaml"), root)
+    with pytest.raises(RegistryError, match="expected one"):
+        with_blocks("stages: {}\n", generated_blocks({}, {}))
+    with pytest.raises(RegistryError, match="not in params.yaml"):
+        resolve_runs({"experiments": {}}, {"gone": "photos32"}, [], [])
+
+
+def test_enabled_paper_run_joins_the_dvc_stages(tmp_path: Path) -> None:
+    root = project_copy(tmp_path)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "init", "-q"], cwd=root, check=True)
+
+    def stages() -> set[str]:
+        out = subprocess.run([dvc, "stage", "list", "--name-only"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout
+        return set(out.split())
+
+    default = stages()
+    assert not any("cifar10" in s or "imagenet32" in s or "3dshapes" in s or "celebahq" in s for s in default)
+    sdn_pipeline(root, "enable", "cifar10")
+    added = stages() - default
+    assert added == {f"{s}@cifar10" for s in ("download", "convert")} | {
+        f"{s}@cifar10-{arch}" for s in ("train", "evaluate", "sample") for arch in ("sdn", "cnn")}
+
+
+# ---- live curves ----------------------------------------------------------------------------------
+
+
+class ReadCurvesAt(pl.Callback):
+    """Reads the curve files while training runs, when optimizer step `step` begins."""
+
+    def __init__(self, metrics: Path, step: int) -> None:
+        self.metrics, self.step, self.seen = metrics, step, {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step - 1:
+            self.seen = {
+                "train": pd.read_csv(self.metrics / "train.csv")["step"].tolist(),
+                "val": pd.read_csv(self.metrics / "val.csv")["step"].tolist(),
+                "live": json.loads((self.metrics / "live.json").read_text()),
+            }
+
+
+def test_curves_are_on_disk_while_training_runs(tmp_path: Path) -> None:
+    workdir = Workdir(tmp_path)
+    cfg = tiny_cfg(max_steps=6, val_every_steps=3, ckpt_every_steps=6)
+    reader = ReadCurvesAt(workdir.metrics, 6)
+    workdir.train(cfg, [reader])
+    assert reader.seen["train"] == [1, 2, 3, 4, 5] and reader.seen["val"] == [3]
+    live = reader.seen["live"]
+    assert live["step"] == 5 and set(live["train"]) == {"loss_bpd", "neg_elbo_bpd", "kl_bpd", "lr"}
+    assert set(live["val"]) == {"neg_elbo_bpd", "kl_bpd", "images"}
+    final = json.loads((workdir.metrics / "live.json").read_text())
+    assert final["step"] == 6 and final["val"] == pd.read_csv(workdir.metrics / "val.csv").iloc[-1].drop(
+        "step").to_dict()
+
+
+def test_resumed_curves_repeat_and_miss_no_step(tmp_path: Path) -> None:
+    # checkpoint every 2 steps; a crash at step 6 loses step 5's row, logged after the last checkpoint
+    cfg = tiny_cfg(max_steps=8, val_every_steps=3, ckpt_every_steps=2)
+    reference = Workdir(tmp_path / "reference")
+    reference.train(cfg)
+    crashed = Workdir(tmp_path / "crashed")
+    with pytest.raises(SimulatedCrash):
+        crashed.train(cfg, [CrashAt(6)])
+    assert pd.read_csv(crashed.metrics / "train.csv")["step"].tolist() == [1, 2, 3, 4, 5]
+    reader = ReadCurvesAt(crashed.metrics, 6)
+    with pytest.raises(SimulatedCrash):
+        crashed.train(cfg, [reader, CrashAt(7)])
+    # resumed at step 4: step 5 was dropped with the rest of the lost work, then logged again once
+    assert reader.seen["train"] == [1, 2, 3, 4, 5] and reader.seen["val"] == [3]
+    crashed.train(cfg)
+    for curve in ("train.csv", "val.csv", "live.json"):
+        assert (crashed.metrics / curve).read_text() == (reference.metrics / curve).read_text(), curve
+    assert pd.read_csv(crashed.metrics / "train.csv")["step"].tolist() == list(range(1, 9))
+
+
+# ---- the comparison picture -----------------------------------------------------------------------
+
+
+def test_comparison_picture_draws_each_sdn_run_beside_its_baseline(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sdn.plots import COLOURS, PANEL_H, PANEL_W, draw_comparison
+
+    params = load_params(REPO / "params.yaml")
+    runs = {name: params["experiments"][name]["dataset"] for name in DEFAULT_RUNS}
+    for i, name in enumerate(DEFAULT_RUNS):
+        (tmp_path / name).mkdir()
+        steps = (100, 200, 300)
+        rows = "".join(f"{step},{5 - step / 100 + i},{0.1 * i + step / 1000},64\n" for step in steps)
+        (tmp_path / name / "val.csv").write_text("step,neg_elbo_bpd,kl_bpd,images\n" + rows)
+    out = draw_comparison(params, runs, tmp_path / "comparison.png", tmp_path)
+    image = Image.open(out).convert("RGB")
+    assert image.size == (2 * PANEL_W, 2 * PANEL_H)  # two pairs, -ELBO and KL each
+    for row in range(2):
+        for col in range(2):
+            panel = image.crop((col * PANEL_W, row * PANEL_H, (col + 1) * PANEL_W, (row + 1) * PANEL_H))
+            colours = {colour for _, colour in panel.getcolors(PANEL_W * PANEL_H)}
+            assert COLOURS[0] in colours and COLOURS[1] in colours, (row, col)  # SDN and CNN lines
+
+
+def test_committed_comparison_picture_is_the_one_the_curves_give(tmp_path: Path) -> None:
+    from PIL import Image, ImageChops
+
+    from sdn.plots import draw_comparison
+
+    params = load_params(REPO / "params.yaml")
+    drawn = draw_comparison(params, check_registry(params, REPO), tmp_path / "c.png", REPO / "metrics")
+    committed = Image.open(REPO / "metrics" / "comparison.png").convert("RGB")
+    assert ImageChops.difference(Image.open(drawn).convert("RGB"), committed).getbbox() is None, \
+        "metrics/comparison.png is stale: run `make plots`"
+
+
+# ---- the locked environment -----------------------------------------------------------------------
+
+
+def locked_versions() -> dict[str, str]:
+    import re
+
+    text = (REPO / "requirements.lock").read_text()
+    return {re.sub(r"[-_.]+", "-", name).lower(): version
+            for name, version in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", text, re.M)}
+
+
+def test_lock_pins_every_declared_dependency_with_hashes() -> None:
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    locked = locked_versions()
+    declared = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    for requirement in declared:
+        name, version = requirement.split("==")
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        assert locked.get(key) == version, f"requirements.lock has {key} {locked.get(key)}: run `make lock`"
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", (REPO / "requirements.lock").read_text().split("\n", 2)[2])
+    assert all("--hash=sha256:" in block for block in blocks if "==" in block)
+    assert {"torch", "nvidia-cublas", "lightning-utilities", "dvc-data"} <= set(locked)  # transitive too
+
+
+def test_console_script_runs_the_command_line() -> None:
+    import tomllib
+
+    from sdn.__main__ import main
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"sdn": "sdn.__main__:main"} and callable(main)
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
