@@ -396,34 +396,10 @@ def load_ema_model(cfg: ExperimentConfig, ckpt_path: Path) -> nn.Module:
 
 
 def _dataset(lmdb_dir: Path, split: str, dataset: str):
-    from sdn.data import LMDBImageDataset
+    """A checked split (truncation, dataset name, split, per-record checksums): see `open_split`."""
+    from sdn.data import open_split
 
-    path = lmdb_dir / split
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: convert the dataset first (dvc repro convert@{dataset})."
-        )
-    _check_not_truncated(path, dataset)
-    return LMDBImageDataset(path)
-
-
-def _check_not_truncated(path: Path, dataset: str) -> None:
-    """LMDB maps its file into memory, so reading a page past the end of a truncated file kills
-    the process with SIGBUS instead of raising: compare the file with the size LMDB recorded."""
-    from sdn.data import DatasetError
-    from sdn.data.lmdb_store import _environment
-
-    data_file = path / "data.mdb"
-    if not data_file.is_file():
-        return  # the reader reports the missing file with its own message
-    env = _environment(path)
-    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    size = data_file.stat().st_size
-    if size < needed:
-        raise DatasetError(
-            f"{data_file} is truncated ({size} bytes, the database needs {needed}): delete "
-            f"{path.parent} and rebuild it with `dvc repro convert@{dataset}`."
-        )
+    return open_split(lmdb_dir, split, dataset)
 
 
 def _check_image_shape(dataset, cfg: ExperimentConfig, split: str) -> None:

@@ -8,7 +8,7 @@ serve it as uint8 (C, H, W) images with int64 labels.
 from typing import Any
 
 from sdn.data.errors import ChecksumError, DataError, DatasetError, DatasetNotFoundError, DownloadError
-from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, inspect_dataset, read_metadata
+from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, inspect_dataset, open_split, read_metadata
 from sdn.data.sources import SOURCES, convert_dataset, download_dataset, make_source
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "download_dataset",
     "inspect_dataset",
     "make_source",
+    "open_split",
     "read_metadata",
 ]
 
