@@ -148,22 +148,40 @@ class ShardSampler(Sampler[int]):
 # Checkpoints
 
 
+def load_checkpoint_file(path: Path | str) -> Any:
+    """A checkpoint's contents, unpickled with `weights_only=True`: tensors and plain values only,
+    so a planted or tampered file cannot run code (any other object is refused)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file and renames it, so a kill never leaves a
-    truncated checkpoint under the final name."""
+    truncated checkpoint under the final name; loads them with `weights_only=True` (Lightning's own
+    resume load included) and names a local write failure (full disk, permissions) as such."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        from sdn.data.errors import write_failure
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(checkpoint, tmp)
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as error:
             tmp.unlink(missing_ok=True)  # e.g. a full disk: keep the previous checkpoint, drop the half
+            why = write_failure(error, tmp) if isinstance(error, (OSError, RuntimeError)) else None
+            if why is not None:
+                raise CheckpointError(
+                    f"{why} while writing the checkpoint {path}: free space (or raise the limit, fix the "
+                    "permissions), then rerun the same command; the previous checkpoint is kept."
+                ) from error
             raise
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return load_checkpoint_file(path)
 
 
 class StepCheckpoint(pl.Callback):
@@ -206,7 +224,7 @@ def resumable_checkpoint(ckpt_dir: Path, fingerprint: str, stale_dir: Path) -> P
     if not path.exists():
         return None
     try:
-        found = torch.load(path, map_location="cpu", weights_only=False).get("sdn_fingerprint")
+        found = load_checkpoint_file(path).get("sdn_fingerprint")
         why = f"was made with a different configuration ({found} != {fingerprint})"
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is set aside
         found, why = "unreadable", f"cannot be read ({type(err).__name__}: {str(err)[:200]})"
@@ -375,7 +393,7 @@ def load_ema_model(cfg: ExperimentConfig, ckpt_path: Path) -> nn.Module:
             f"{ckpt_path} not found: train the experiment first (dvc repro train@{cfg.name})."
         )
     try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint_file(ckpt_path)
     except Exception as err:  # noqa: BLE001 - torch raises several kinds for a damaged file
         raise CheckpointError(
             f"{ckpt_path} cannot be read ({type(err).__name__}: {str(err)[:200]}): re-run training "
@@ -491,7 +509,7 @@ def train_experiment(
     )
     start_step = 0
     if resume is not None:
-        start_step = int(torch.load(resume, map_location="cpu", weights_only=False)["global_step"])
+        start_step = int(load_checkpoint_file(resume)["global_step"])
         print(f"[sdn] resuming {cfg.name} from {resume} at step {start_step}")
     sampler = StepBatchSampler(
         len(train_set), train.batch_size, cfg.seed, total=train.max_steps * k,

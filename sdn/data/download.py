@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from sdn.data.errors import ChecksumError, DownloadError
+from sdn.data.errors import ChecksumError, DownloadError, local_write_error
 
 ALGORITHMS = ("md5", "sha256")
 _CHUNK = 1 << 20
@@ -80,21 +80,26 @@ def fetch(
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown checksum algorithm {algorithm!r}")
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _local(error, dest.parent, rerun) from error
     if dest.exists():
-        _verify(dest, algorithm, expected, rerun, pin_key)
+        verify_file(dest, algorithm, expected, rerun, pin_key)
         return dest
     unverified = dest.with_name(dest.name + ".unverified")
     if not unverified.exists():
         part = dest.with_name(dest.name + ".part")
         _download(url, part, dest, algorithm, expected, rerun, retries, timeout)
         part.rename(unverified)
-    _verify(unverified, algorithm, expected, rerun, pin_key)
+    verify_file(unverified, algorithm, expected, rerun, pin_key)
     unverified.rename(dest)
     return dest
 
 
-def _verify(path: Path, algorithm: str, expected: str | None, rerun: str, pin_key: str) -> None:
+def verify_file(path: Path, algorithm: str, expected: str | None, rerun: str, pin_key: str) -> str:
+    """The file's digest, once it matches the pinned `expected`; a ChecksumError otherwise (with
+    the line to pin when nothing is pinned)."""
     actual = file_digest(path, algorithm)
     if expected is None:
         raise ChecksumError(
@@ -109,6 +114,7 @@ def _verify(path: Path, algorithm: str, expected: str | None, rerun: str, pin_ke
             f"If the source changed on purpose, pin the new value under {pin_key} in params.yaml; "
             f"otherwise delete {path} and rerun `{rerun}` to download it again."
         )
+    return actual
 
 
 def _download(
@@ -149,22 +155,33 @@ def _download(
             length = response.headers.get("Content-Length")
             total = start + int(length) if length is not None else None
             try:
-                with (
-                    part.open("ab" if start else "wb") as handle,
-                    tqdm(
-                        total=total,
-                        initial=start,
-                        unit="B",
-                        unit_scale=True,
-                        desc=dest.name,
-                        mininterval=1.0,
-                    ) as bar,
-                ):
-                    while chunk := response.read(_CHUNK):
+                handle = part.open("ab" if start else "wb")
+            except OSError as error:
+                raise _local(error, part, rerun) from error
+            with (
+                handle,
+                tqdm(
+                    total=total,
+                    initial=start,
+                    unit="B",
+                    unit_scale=True,
+                    desc=dest.name,
+                    mininterval=1.0,
+                ) as bar,
+            ):
+                while True:
+                    try:
+                        chunk = response.read(_CHUNK)
+                    except (OSError, HTTPException):
+                        break  # a cut connection: what arrived is kept, the next attempt resumes
+                    if not chunk:
+                        break
+                    try:
                         handle.write(chunk)
-                        bar.update(len(chunk))
-            except (OSError, HTTPException):
-                pass  # a cut connection: what arrived is kept, the next attempt resumes
+                        handle.flush()
+                    except OSError as error:  # a local failure: another attempt cannot help
+                        raise _local(error, part, rerun) from error
+                    bar.update(len(chunk))
         size = part.stat().st_size
         if total is None or size == total:  # without a length, EOF ends it and the checksum judges
             return
@@ -175,6 +192,11 @@ def _download(
         f"{total} bytes after {retries} attempts. The partial file {part} is kept: rerun "
         f"`{rerun}` to resume it."
     )
+
+
+def _local(error: OSError, path: Path, rerun: str) -> Exception:
+    """The named local write failure (full disk, file size limit, permissions), else `error`."""
+    return local_write_error(error, path, rerun) or error
 
 
 def _resume_point(response, start: int, url: str) -> int:

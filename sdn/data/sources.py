@@ -25,7 +25,7 @@ import numpy as np
 
 from sdn.config import ConfigError
 from sdn.data import photos, sprites
-from sdn.data.download import ALGORITHMS, fetch, file_name
+from sdn.data.download import ALGORITHMS, fetch, file_name, verify_file
 from sdn.data.errors import DatasetError, DatasetNotFoundError
 from sdn.data.lmdb_store import SplitMetadata, write_split
 from sdn.data.tfrecord import parse_example, read_records
@@ -154,13 +154,23 @@ class RemoteSource(Source):
         file_name(self.cfg["url"])
 
     def archive(self, raw_dir: Path) -> Path:
+        """The raw file, once its checksum matches the pinned one: it is checked here, at
+        conversion, and not only at download, since a file can be put or changed by hand."""
         path = raw_dir / file_name(self.cfg["url"])
         if not path.is_file():
             raise self._missing_raw(path)
+        self.verified_digest = verify_file(
+            path,
+            self.algorithm,
+            self.cfg[self.algorithm],
+            rerun=f"dvc repro convert@{self.name}",
+            pin_key=f"datasets.{self.name}.{self.algorithm}",
+        )
         return path
 
     def provenance(self) -> dict[str, Any]:
-        return {"url": self.cfg["url"], self.algorithm: self.cfg[self.algorithm]}
+        # the digest computed from the file that was read, not the pinned value it was checked against
+        return {"url": self.cfg["url"], self.algorithm: getattr(self, "verified_digest", None)}
 
     def download(self, raw_dir: Path) -> None:
         fetch(
@@ -218,9 +228,48 @@ class Cifar10Source(RemoteSource):
 
     @staticmethod
     def _unpickle(tar: tarfile.TarFile, member: str) -> dict:
-        # The archive's checksum was verified when it was downloaded.
+        # The archive's checksum has been checked, and still nothing in it may run: see _BatchUnpickler.
+        where = f"{tar.name}:{member}"
         with tar.extractfile(member) as handle:
-            return pickle.load(handle, encoding="bytes")
+            try:
+                batch = _BatchUnpickler(handle, where).load()
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+                raise DatasetError(f"{where} is not a readable CIFAR-10 batch ({error}).") from error
+        if not isinstance(batch, dict) or not all(isinstance(k, bytes) for k in batch):
+            raise DatasetError(f"{where} is not a CIFAR-10 batch (a dict with bytes keys).")
+        data = batch.get(b"data")
+        if data is not None and (not isinstance(data, np.ndarray) or data.dtype != np.uint8):
+            raise DatasetError(f"{where}: 'data' is not a uint8 array.")
+        return batch
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles what CIFAR-10's python batches hold and nothing else.
+
+    The batches are Python 2 pickles of dicts of byte strings, lists of ints and byte strings,
+    and one uint8 numpy array; the only globals they name are the three that rebuild that array.
+    Any other global (`os.system`, `builtins.eval`, ...) is how a pickle runs code: refused.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def __init__(self, handle, where: str) -> None:
+        super().__init__(handle, encoding="bytes")
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self._ALLOWED.get((module, name))
+        if found is None:
+            raise DatasetError(
+                f"{self.where} refers to {module}.{name}, which CIFAR-10's batches never hold: the "
+                "archive is not the published one; it is not unpickled (nothing in it was run)."
+            )
+        return found
 
 
 class GlowSource(RemoteSource):
