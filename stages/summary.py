@@ -1,8 +1,12 @@
-"""DVC stage `summary`: metrics/summary.md and metrics/summary.csv from every evaluated experiment."""
+"""DVC stage `summary`: metrics/summary.md and metrics/summary.csv from every evaluated experiment.
+
+Reads params.yaml and metrics/<experiment>/eval.json of each experiment that has one.
+"""
 
 from pathlib import Path
 
 from sdn.config import load_params, validate_params
+from sdn.pipeline import run_stage
 from sdn.summary import summary_table, write_summary
 
 
@@ -12,4 +16,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, "python stages/summary.py")

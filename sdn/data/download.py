@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from http.client import HTTPException
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlparse
 
 from tqdm import tqdm
@@ -83,7 +84,7 @@ def fetch(
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise _local(error, dest.parent, rerun) from error
+        _raise_local(error, dest.parent, rerun)
     if dest.exists():
         verify_file(dest, algorithm, expected, rerun, pin_key)
         return dest
@@ -157,7 +158,7 @@ def _download(
             try:
                 handle = part.open("ab" if start else "wb")
             except OSError as error:
-                raise _local(error, part, rerun) from error
+                _raise_local(error, part, rerun)
             with (
                 handle,
                 tqdm(
@@ -180,7 +181,7 @@ def _download(
                         handle.write(chunk)
                         handle.flush()
                     except OSError as error:  # a local failure: another attempt cannot help
-                        raise _local(error, part, rerun) from error
+                        _raise_local(error, part, rerun)
                     bar.update(len(chunk))
         size = part.stat().st_size
         if total is None or size == total:  # without a length, EOF ends it and the checksum judges
@@ -194,9 +195,12 @@ def _download(
     )
 
 
-def _local(error: OSError, path: Path, rerun: str) -> Exception:
-    """The named local write failure (full disk, file size limit, permissions), else `error`."""
-    return local_write_error(error, path, rerun) or error
+def _raise_local(error: OSError, path: Path, rerun: str) -> NoReturn:
+    """Raise the named local write failure (full disk, file size limit, permissions), else `error`."""
+    named = local_write_error(error, path, rerun)
+    if named is None:
+        raise error
+    raise named from error
 
 
 def _resume_point(response, start: int, url: str) -> int:

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import lmdb
 import numpy as np
 
-from sdn.config import ConfigError
+from sdn.config import AT_LEAST_1, SEED, UNIT_OPEN, ConfigError, Range
 from sdn.data import photos, sprites
 from sdn.data.download import ALGORITHMS, fetch, file_name, verify_file
-from sdn.data.errors import DatasetError, DatasetNotFoundError
+from sdn.data.errors import DatasetError, DatasetNotFoundError, local_write_error
 from sdn.data.lmdb_store import SplitMetadata, write_split
 from sdn.data.tfrecord import parse_example, read_records
 
@@ -68,6 +69,8 @@ class Source:
         "channels": ((int,), _REQUIRED),
         "flip": ((bool,), False),
     }
+    # The range of every numeric setting (tests/test_config.py fails for one without a range).
+    ranges: ClassVar[dict[str, Range]] = {"image_size": AT_LEAST_1, "channels": Range(3, 3)}
 
     def __init__(self, name: str, cfg: Mapping[str, Any] | None) -> None:
         self.name = name
@@ -90,8 +93,8 @@ class Source:
                 raise ConfigError(f"datasets.{name}.{key}: expected {self._names(types)}, got {cfg[key]!r}.")
             else:
                 self.cfg[key] = cfg[key]
-        self._require(self.cfg["image_size"] > 0, "image_size", "must be positive")
-        self._require(self.cfg["channels"] == 3, "channels", "every dataset here is RGB: use 3")
+            if key in self.ranges:
+                self.ranges[key].check(self.cfg[key], f"datasets.{name}.{key}")
         self.check()
 
     @staticmethod
@@ -343,6 +346,7 @@ def _val_mask(count: int, fraction: float, seed: int) -> np.ndarray:
 
 # Settings of a validation split drawn at random (3dshapes, sprites).
 _HELD_OUT = {"val_fraction": ((float, int), 0.1), "seed": ((int,), 0)}
+_HELD_OUT_RANGES = {"val_fraction": UNIT_OPEN, "seed": SEED}
 
 
 class Shapes3DSource(RemoteSource):
@@ -350,10 +354,7 @@ class Shapes3DSource(RemoteSource):
 
     FACTORS = ("floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation")
     schema = {**RemoteSource.schema, **_HELD_OUT, "train_includes_val": ((bool,), True)}
-
-    def check(self) -> None:
-        super().check()
-        self._require(0 < self.cfg["val_fraction"] < 1, "val_fraction", "must lie strictly between 0 and 1")
+    ranges = {**RemoteSource.ranges, **_HELD_OUT_RANGES}
 
     def read(self, raw_dir: Path) -> DatasetContent:
         import h5py
@@ -464,6 +465,7 @@ class Photos32Source(_OfflineSource):
         "stride": ((int,), _REQUIRED),
         "reductions": ((list,), [1]),
     }
+    ranges = {**Source.ranges, "stride": AT_LEAST_1, "reductions": AT_LEAST_1}
     generator_keys = ("photos", "image_size", "stride", "reductions")
 
     def check(self) -> None:
@@ -482,10 +484,8 @@ class Photos32Source(_OfflineSource):
             "val_photos",
             "must be some, but not all, of `photos`",
         )
-        self._require(self.cfg["stride"] > 0, "stride", "must be positive")
         self._require(
-            bool(self.cfg["reductions"])
-            and all(_type_ok(r, (int,)) and r >= 1 for r in self.cfg["reductions"]),
+            bool(self.cfg["reductions"]) and all(_type_ok(r, (int,)) for r in self.cfg["reductions"]),
             "reductions",
             "must be a list of integer factors >= 1",
         )
@@ -526,9 +526,13 @@ class SpritesSource(_OfflineSource):
         "count": ((int, type(None)), None),
         "factors": ((dict,), _REQUIRED),
     }
+    # factors: the number of values of each factor
+    ranges = {**Source.ranges, **_HELD_OUT_RANGES, "count": Range(2), "factors": AT_LEAST_1}
     generator_keys = ("image_size", "factors", "count", "seed")
 
     def check(self) -> None:
+        for factor, size in self.cfg["factors"].items():
+            self.ranges["factors"].check(size, f"datasets.{self.name}.factors.{factor}")
         problem = sprites.check_sizes(self.cfg["factors"], self.cfg["image_size"])
         self._require(problem is None, "factors", problem or "")
         # labels come in the renderer's order, whatever the order in params.yaml
@@ -540,7 +544,6 @@ class SpritesSource(_OfflineSource):
             "count",
             f"must be null (all {total} combinations) or 2..{total}",
         )
-        self._require(0 < self.cfg["val_fraction"] < 1, "val_fraction", "must lie strictly between 0 and 1")
 
     def download(self, raw_dir: Path) -> None:
         sizes = self.cfg["factors"]
@@ -594,7 +597,13 @@ def download_dataset(
     """Fetch (remote) or build (offline) the raw files of `name` into `raw_root/<name>/`."""
     source = make_source(name, cfg)
     raw_dir = Path(raw_root) / name
-    source.download(raw_dir)
+    try:
+        source.download(raw_dir)
+    except OSError as error:
+        named = local_write_error(error, raw_dir, f"dvc repro download@{name}")
+        if named is None:
+            raise
+        raise named from error
     return raw_dir
 
 
@@ -614,10 +623,18 @@ def convert_dataset(
     source = make_source(name, cfg)
     content = source.read(Path(raw_root) / name)
     lmdb_root = Path(lmdb_root)
-    lmdb_root.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(lmdb_root / name)
+    try:
+        lmdb_root.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir(lmdb_root / name)
+    except OSError as error:
+        named = local_write_error(error, lmdb_root, f"dvc repro convert@{name}")
+        if named is None:
+            raise
+        raise named from error
+    writing = tmp
     try:
         for split, split_source in content.splits.items():
+            writing = tmp / split
             meta = SplitMetadata(
                 dataset=name,
                 split=split,
@@ -636,8 +653,14 @@ def convert_dataset(
                     f"{name}: the {split} split is empty; check datasets.{name} in params.yaml."
                 )
         final = lmdb_root / name
+        writing = final
         replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as error:
+        named = None
+        if isinstance(error, (OSError, lmdb.Error)):  # LMDB reports a failed write without its errno
+            named = local_write_error(error, writing, f"dvc repro convert@{name}")
         shutil.rmtree(tmp, ignore_errors=True)
+        if named is not None:
+            raise named from error
         raise
     return final
