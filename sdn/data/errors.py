@@ -71,13 +71,16 @@ def write_failure(error: BaseException, path: Path | str) -> str | None:
     return None
 
 
-def local_write_error(error: BaseException, path: Path | str, rerun: str) -> LocalWriteError | None:
-    """A LocalWriteError naming the cause of a failed write of `path`, or None if it is not local."""
+def local_write_error(
+    error: BaseException, path: Path | str, rerun: str, shown: Path | str | None = None
+) -> LocalWriteError | None:
+    """A LocalWriteError naming the cause of a failed write of `path` (called `shown` in the
+    message, e.g. the final name of a temporary folder), or None if the cause is not local."""
     why = write_failure(error, path)
     if why is None:
         return None
     fix = {"permission denied": "make its folder writable", "read-only file system": "write elsewhere"}
     return LocalWriteError(
-        f"{why} while writing {path}: {fix.get(why, 'free space or raise the limit')}, then rerun "
-        f"`{rerun}`. ({error})"
+        f"{why} while writing {shown or path}: {fix.get(why, 'free space or raise the limit')}, then "
+        f"rerun `{rerun}`. ({error})"
     )

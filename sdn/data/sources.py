@@ -658,7 +658,8 @@ def convert_dataset(
     except BaseException as error:
         named = None
         if isinstance(error, (OSError, lmdb.Error)):  # LMDB reports a failed write without its errno
-            named = local_write_error(error, writing, f"dvc repro convert@{name}")
+            shown = lmdb_root / name / writing.relative_to(tmp) if writing.is_relative_to(tmp) else writing
+            named = local_write_error(error, writing, f"dvc repro convert@{name}", shown)
         shutil.rmtree(tmp, ignore_errors=True)
         if named is not None:
             raise named from error
