@@ -60,18 +60,16 @@ def run_stage(main: Callable[..., None], usage: str) -> None:
         doc = sys.modules[main.__module__].__doc__ or ""
         print(f"usage: {usage}\n\n{doc.strip()}")
         sys.exit(0)
+    # sys.exit(message) prints the message to stderr and exits with status 1
     if len(args) != int(takes_name) or any(arg.startswith("-") for arg in args):
-        print(f"usage: {usage}  (--help: what it does and writes)", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"usage: {usage}  (--help: what it does and writes)")
     try:
         main(*args)
     except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError, CheckpointError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: {_one_line(err)}")
     except OSError as err:
         why = write_failure(err, err.filename or ".")
         if why is None:
             raise
-        print(f"error: {why} while writing {err.filename}: free space (or fix the permissions), then "
-              f"rerun the same command. ({err.strerror})", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: {why} while writing {err.filename}: free space (or fix the permissions), then "
+                 f"rerun the same command. ({err.strerror})")

@@ -232,7 +232,7 @@ def test_damaged_lmdb_gives_the_named_error_in_every_reader(
         expected = "error: data/lmdb/photos32/val/data.mdb is truncated ("
     else:
         _flip_a_byte_of_record(split, 7)
-        expected = "error: photos32/val record 7 fails its checksum (crc32 "
+        expected = "error: photos32/val record 7 fails its checksum (crc32c "
     done = subprocess.run(READERS[reader], cwd=project.root, env=project.env, capture_output=True,
                           text=True, timeout=600, check=False)
     assert done.returncode in (1, 2), f"{reader}: exit {done.returncode}\n{done.stderr[-3000:]}"

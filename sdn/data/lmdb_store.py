@@ -6,12 +6,12 @@ Each split of `data/lmdb/<dataset>/` is an LMDB environment (`train/`, `val/`) h
   names, sizes and value names, and where the data came from. It is written last, in the
   final transaction, so an environment without it is incomplete.
 * `0000000000`, `0000000001`, ...: image `i` as raw uint8 bytes in (C, H, W) order, followed
-  by its labels as little-endian int64 and the CRC-32 of both (little-endian uint32).
+  by its labels as little-endian int64 and the CRC-32C of both (little-endian uint32).
 
 Every reader goes through `read_metadata` (and `LMDBImageDataset`, built on it), which checks
 before any record is touched that the file is not truncated (LMDB maps the file: a read past
 its end is a SIGBUS, not an exception), that the metadata matches the database and, where the
-caller says what it expects, the dataset, split and image shape. Each record's CRC is checked
+caller says what it expects, the dataset, split and image shape. Each record's CRC-32C is checked
 as it is read, so a flipped bit on disk is an error naming the record, never different pixels.
 """
 
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import lmdb
 import numpy as np
 import torch
@@ -38,8 +38,8 @@ META_KEY = b"__meta__"
 FORMAT = "sdn-lmdb-images"
 VERSION = 2
 ENCODING = (
-    "uint8 image bytes in (C, H, W) order, then int64 little-endian labels, then the CRC-32 "
-    "(zlib) of both as a little-endian uint32"
+    "uint8 image bytes in (C, H, W) order, then int64 little-endian labels, then the CRC-32C "
+    "(Castagnoli) of both as a little-endian uint32"
 )
 CRC_BYTES = 4
 # LMDB's two meta pages: a smaller file cannot even be opened without reading past its end.
@@ -97,7 +97,7 @@ class SplitMetadata:
             "dtype": "uint8",
             "label_dtype": "int64",
             "encoding": ENCODING,
-            "record_checksum": "crc32",
+            "record_checksum": "crc32c",
             **data,
         }
 
@@ -285,7 +285,8 @@ def _records(
         )
     for i in range(len(images)):
         payload = images[i].tobytes() + labels[i].tobytes()
-        yield record_key(start + i), payload + zlib.crc32(payload).to_bytes(CRC_BYTES, "little")
+        # CRC-32C: computed by the CPU's CRC32 instruction, about 9x faster to check than zlib's CRC-32
+        yield record_key(start + i), payload + google_crc32c.value(payload).to_bytes(CRC_BYTES, "little")
 
 
 def _put_growing(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
@@ -354,9 +355,9 @@ class LMDBImageDataset(Dataset):
             found = "missing" if value is None else f"{len(value)} bytes, expected {self.meta.record_bytes}"
             raise self._corrupt(index, f"is {found}")
         payload, stored = value[: -CRC_BYTES], int.from_bytes(value[-CRC_BYTES:], "little")
-        computed = zlib.crc32(payload)
+        computed = google_crc32c.value(payload)
         if computed != stored:
-            raise self._corrupt(index, f"fails its checksum (crc32 {computed:08x}, stored {stored:08x})")
+            raise self._corrupt(index, f"fails its checksum (crc32c {computed:08x}, stored {stored:08x})")
         return payload
 
     def __getitem__(self, item: int | tuple[int, bool]) -> tuple[Tensor, Tensor]:
