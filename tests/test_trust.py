@@ -347,3 +347,53 @@ def test_file_size_limit_while_checkpointing_is_named(tmp_path: Path) -> None:
                            f"checkpoint data/checkpoints/{EXPERIMENT}/last.ckpt"), last
     assert "Traceback" not in done.stderr
     assert not workdir.ckpt.exists() or not list(workdir.ckpt.iterdir())  # no half file left
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages: a known failure is one `error:` line and exit status 1; --help says what a stage writes
+
+STAGE_FAILURES = {
+    # stage: (arguments, the error line's start) in a fresh project without any data
+    "download": (["mnist"], "error: datasets.mnist: no such dataset in params.yaml"),
+    "convert": (["photos32"], "error: data/raw/photos32/info.json not found: fetch the raw data with"),
+    "train": ([EXPERIMENT], "error: data/lmdb/photos32/train not found: convert the dataset first"),
+    "evaluate": ([EXPERIMENT], f"error: data/checkpoints/{EXPERIMENT}/last.ckpt not found: train"),
+    "sample": ([EXPERIMENT], f"error: data/checkpoints/{EXPERIMENT}/last.ckpt not found: train"),
+    "summary": ([], "error: trainer.num_workers: must be between 0 and 256, got -2."),
+}
+
+
+@pytest.fixture(scope="module")
+def bare_project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    return Project(tmp_path_factory.mktemp("bare") / "project")
+
+
+@pytest.mark.parametrize("stage", list(STAGE_FAILURES))
+def test_every_stage_ends_a_known_failure_with_one_error_line(bare_project: Project, stage: str) -> None:
+    args, expected = STAGE_FAILURES[stage]
+    params = bare_project.read_params()
+    if stage == "summary":  # nothing to miss: a bad knob instead
+        params["trainer"]["num_workers"] = -2
+    (bare_project.root / "params.yaml").rename(bare_project.root / "params.yaml.keep")
+    bare_project.write_params(params)
+    try:
+        done = bare_project.run(sys.executable, f"stages/{stage}.py", *args, check=False)
+    finally:
+        (bare_project.root / "params.yaml.keep").replace(bare_project.root / "params.yaml")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == errors[0]
+
+
+def test_every_stage_has_help_and_a_usage_line(bare_project: Project) -> None:
+    for stage in sorted(p.stem for p in (REPO / "stages").glob("*.py")):
+        done = bare_project.run(sys.executable, f"stages/{stage}.py", "--help", check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.startswith(f"usage: python stages/{stage}.py"), done.stdout
+        assert "Writes" in done.stdout or "writes" in done.stdout or stage == "summary", done.stdout
+        assert "metrics/summary" in done.stdout or stage != "summary"
+    wrong = bare_project.run(sys.executable, "stages/train.py", "a", "b", check=False)
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip().startswith("usage: python stages/train.py <experiment>")
