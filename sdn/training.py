@@ -171,8 +171,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException as error:
-            tmp.unlink(missing_ok=True)  # e.g. a full disk: keep the previous checkpoint, drop the half
+            # torch.save reports a failed write as a RuntimeError without errno: examine the half file
             why = write_failure(error, tmp) if isinstance(error, (OSError, RuntimeError)) else None
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: keep the previous checkpoint, drop the half
             if why is not None:
                 raise CheckpointError(
                     f"{why} while writing the checkpoint {path}: free space (or raise the limit, fix the "

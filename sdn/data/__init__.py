@@ -7,7 +7,14 @@ serve it as uint8 (C, H, W) images with int64 labels.
 
 from typing import Any
 
-from sdn.data.errors import ChecksumError, DataError, DatasetError, DatasetNotFoundError, DownloadError
+from sdn.data.errors import (
+    ChecksumError,
+    DataError,
+    DatasetError,
+    DatasetNotFoundError,
+    DownloadError,
+    LocalWriteError,
+)
 from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, inspect_dataset, open_split, read_metadata
 from sdn.data.sources import SOURCES, convert_dataset, download_dataset, make_source
 
@@ -21,6 +28,7 @@ __all__ = [
     "EpochSampler",
     "ImageDataModule",
     "LMDBImageDataset",
+    "LocalWriteError",
     "SplitMetadata",
     "convert_dataset",
     "download_dataset",
