@@ -397,3 +397,19 @@ def test_every_stage_has_help_and_a_usage_line(bare_project: Project) -> None:
     wrong = bare_project.run(sys.executable, "stages/train.py", "a", "b", check=False)
     assert wrong.returncode == 1
     assert wrong.stderr.strip().startswith("usage: python stages/train.py <experiment>")
+
+
+def test_an_error_from_a_dataloader_worker_is_reported_as_its_own_message() -> None:
+    from sdn.pipeline import _one_line
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int):
+            raise DatasetError("photos32/train record 3 fails its checksum: rebuild it")
+
+    with pytest.raises(DatasetError) as info:
+        next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1)))
+    assert "Original Traceback" in str(info.value)  # what the worker's error arrives as
+    assert _one_line(info.value) == "photos32/train record 3 fails its checksum: rebuild it"
