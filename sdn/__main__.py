@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("info", help="model structure and parameter count of an experiment").add_argument(
         "experiment"
     )
-    inspect = commands.add_parser("inspect", help="splits, counts, shapes and labels of a converted dataset")
+    inspect = commands.add_parser(
+        "inspect", help="splits, counts, shapes and labels of a converted dataset (every record checked)"
+    )
     inspect.add_argument("dataset")
     inspect.add_argument("--data-root", default="data")
     commands.add_parser("readme", help="copy the table of metrics/summary.md into README.md")

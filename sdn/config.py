@@ -157,6 +157,136 @@ class ExperimentConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# The range of every numeric knob, in one table
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric knob may take: `low`/`high` bounds (None: unbounded), each closed
+    unless `*_open`. A list knob's every value must lie in it; null (where allowed) is not checked."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        low, high = self.low, self.high
+        if low == high and low is not None:
+            return f"{low}"
+        if high is None:
+            if low == 0:
+                return "positive" if self.low_open else "non-negative"
+            return f"greater than {low}" if self.low_open else f"at least {low}"
+        if low is not None and not (self.low_open or self.high_open):
+            return f"between {low} and {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+    def check(self, value: Any, key: str) -> None:
+        """Raise a ConfigError naming `key` if `value` (a number, a list of them, or null) is out of range."""
+        values = value if isinstance(value, list) else [value]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if all(v in self for v in numbers):
+            return
+        every = "every value " if isinstance(value, list) else ""
+        raise ConfigError(f"{key}: {every}must be {self}, got {value!r}.")
+
+
+AT_LEAST_1, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
+UNIT_OPEN = Range(0, 1, low_open=True, high_open=True)
+SEED = Range(0, 2**32 - 1)  # what numpy and Lightning's seeding accept
+# A knob that is not a number range but a choice among values (checked by `_choice`).
+CHOICE = None
+
+# Every numeric field of every section. Adding a numeric field to a section dataclass needs an
+# entry here: tests/test_config.py fails for a numeric field without one.
+RANGES: dict[type, dict[str, Range | None]] = {
+    TrainerConfig: {
+        "devices": AT_LEAST_1,  # or a string such as "auto"
+        "num_nodes": AT_LEAST_1,
+        "precision": CHOICE,
+        "num_workers": Range(0, 256),
+        "log_every_n_steps": AT_LEAST_1,
+    },
+    TrainConfig: {
+        "batch_size": AT_LEAST_1,
+        "max_steps": AT_LEAST_1,
+        "lr": POSITIVE,
+        "lrate_decay": Range(0, 1, low_open=True),
+        "ema_coef": Range(0, 1, high_open=True),  # null: no EMA (the β-VAE regime)
+        "accumulate_grad_batches": AT_LEAST_1,
+        "gradient_clip_val": POSITIVE,  # null: no clipping
+        "val_every_steps": AT_LEAST_1,
+        "val_batches": NON_NEGATIVE,  # null: the whole split; 0: no validation
+        "ckpt_every_steps": AT_LEAST_1,
+    },
+    EvaluateConfig: {
+        "iw_samples": AT_LEAST_1,
+        "batch_size": AT_LEAST_1,
+        "chunk_size": AT_LEAST_1,
+        "max_images": AT_LEAST_1,  # null: the whole split
+        "disentanglement_points": Range(2),  # null: every labelled image
+        "disentanglement_repeats": Range(2),  # a standard error needs two draws
+        "beta_vae_train": AT_LEAST_1,
+        "beta_vae_eval": AT_LEAST_1,
+        "factor_vae_train": AT_LEAST_1,
+        "factor_vae_eval": AT_LEAST_1,
+        "mig_points": Range(2),  # null: every encoded image
+        "dci_train": AT_LEAST_1,
+        "dci_test": AT_LEAST_1,
+    },
+    SampleConfig: {
+        "temperatures": NON_NEGATIVE,
+        "grid": Range(1, 64),
+        "interpolation_layers": NON_NEGATIVE,  # il: ladder layers 0..il from the top are interpolated
+        "interpolation_steps": AT_LEAST_1,
+        "interpolation_temperature": NON_NEGATIVE,
+        "neighbourhood_layers": NON_NEGATIVE,
+        "neighbourhood_temperature": NON_NEGATIVE,
+        "nearest_samples": AT_LEAST_1,
+        "nearest_k": AT_LEAST_1,
+    },
+    DensityConfig: {
+        "image_size": AT_LEAST_1,
+        "channels": AT_LEAST_1,
+        "z_size": AT_LEAST_1,
+        "h_size": AT_LEAST_1,
+        "depth": AT_LEAST_1,
+        "ds_list": NON_NEGATIVE,
+        "sdn_max_scale": NON_NEGATIVE,
+        "sdn_min_scale": NON_NEGATIVE,
+        "sdn_nfeat_0": NON_NEGATIVE,
+        "sdn_nfeat_diff": NON_NEGATIVE,
+        "sdn_num_dirs": Range(0, 4),
+        "mix_components": AT_LEAST_1,
+        "nbits": Range(1, 8),
+        "free_bits": NON_NEGATIVE,
+    },
+    DisentanglementConfig: {
+        "image_size": AT_LEAST_1,
+        "channels": AT_LEAST_1,
+        "z_size": AT_LEAST_1,
+        "sdn_max_scale": NON_NEGATIVE,
+        "sdn_min_scale": NON_NEGATIVE,
+        "sdn_nfeat_0": NON_NEGATIVE,
+        "sdn_nfeat_diff": NON_NEGATIVE,
+        "sdn_num_dirs": Range(0, 4),
+        "mix_components": AT_LEAST_1,
+        "nbits": Range(1, 8),
+        "beta_final": NON_NEGATIVE,
+        "beta_rate": Range(0, 1, low_open=True),
+    },
+}
+# The numbers of an experiment outside its sections.
+EXPERIMENT_RANGES = {"seed": SEED, "reported": NON_NEGATIVE}
+
+
+# --------------------------------------------------------------------------------------------
 # Generic checking of a mapping against a dataclass
 
 
@@ -217,6 +347,9 @@ def build_section(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) 
         if not _type_ok(value, hints[f.name]):
             found = f"{type(value).__name__} {value!r}"
             raise ConfigError(f"{where}.{f.name}: expected {_describe(hints[f.name])}, got {found}.")
+        allowed = RANGES.get(cls, {}).get(f.name)
+        if allowed is not None:
+            allowed.check(value, f"{where}.{f.name}")
         values[f.name] = value
     return values
 
@@ -234,20 +367,10 @@ def _check_density(cfg: DensityConfig, where: str) -> None:
     _choice(cfg.post_model, POSTERIORS, f"{where}.post_model")
     _choice(cfg.prior_model, PRIORS, f"{where}.prior_model")
     _choice(cfg.obs_model, OBSERVATIONS, f"{where}.obs_model")
-    for key in ("z_size", "h_size", "depth", "mix_components"):
-        _require(getattr(cfg, key) >= 1, f"{where}.{key}", f"must be at least 1, got {getattr(cfg, key)}.")
-    _require(1 <= cfg.nbits <= 8, f"{where}.nbits", f"must be between 1 and 8, got {cfg.nbits}.")
-    _require(
-        0 <= cfg.sdn_num_dirs <= 4,
-        f"{where}.sdn_num_dirs",
-        f"a direction count is 0 to 4, got {cfg.sdn_num_dirs}.",
-    )
-    _require(cfg.free_bits >= 0, f"{where}.free_bits", f"must be non-negative, got {cfg.free_bits}.")
+    # single values are in range (RANGES): what is left are checks across keys
     bad = [i for i in cfg.ds_list if not 0 <= i < cfg.depth]
     _require(not bad, f"{where}.ds_list", f"layer indices {bad} lie outside 0..depth-1 (depth={cfg.depth}).")
     _require(len(set(cfg.ds_list)) == len(cfg.ds_list), f"{where}.ds_list", "contains repeated layers.")
-    for key in ("sdn_max_scale", "sdn_min_scale", "sdn_nfeat_diff"):
-        _require(getattr(cfg, key) >= 0, f"{where}.{key}", f"must be non-negative, got {getattr(cfg, key)}.")
     uses_sdn = cfg.sdn_max_scale >= max(cfg.sdn_min_scale, 1)
     if uses_sdn:
         _require(cfg.sdn_nfeat_0 >= 1, f"{where}.sdn_nfeat_0", "SDN layers need at least 1 feature.")
@@ -268,35 +391,15 @@ def _check_density(cfg: DensityConfig, where: str) -> None:
 def _check_disentanglement(cfg: DisentanglementConfig, where: str) -> None:
     _choice(cfg.obs_model, OBSERVATIONS, f"{where}.obs_model")
     _require(cfg.image_size == 64, f"{where}.image_size", "the β-VAE is built for 64x64 images.")
-    for key in ("z_size", "mix_components"):
-        _require(getattr(cfg, key) >= 1, f"{where}.{key}", f"must be at least 1, got {getattr(cfg, key)}.")
-    _require(1 <= cfg.nbits <= 8, f"{where}.nbits", f"must be between 1 and 8, got {cfg.nbits}.")
-    _require(
-        0 <= cfg.sdn_num_dirs <= 4,
-        f"{where}.sdn_num_dirs",
-        f"a direction count is 0 to 4, got {cfg.sdn_num_dirs}.",
-    )
-    _require(cfg.beta_final >= 0, f"{where}.beta_final", "must be non-negative.")
-    _require(0 < cfg.beta_rate <= 1, f"{where}.beta_rate", "must lie in (0, 1].")
     if any(cfg.sdn_min_scale <= s <= cfg.sdn_max_scale for s in (8, 16, 32, 64)):
         _require(cfg.sdn_nfeat_0 >= 1, f"{where}.sdn_nfeat_0", "SDN layers need at least 1 feature.")
         _require(cfg.sdn_num_dirs >= 1, f"{where}.sdn_num_dirs", "SDN layers need at least 1 direction.")
 
 
 def _check_disentanglement_sizes(ev: EvaluateConfig, where: str) -> None:
-    for key in ("beta_vae_train", "beta_vae_eval", "factor_vae_train", "factor_vae_eval"):
-        _require(getattr(ev, key) >= 1, f"{where}.{key}", f"must be at least 1, got {getattr(ev, key)}.")
-    for key in ("dci_train", "dci_test"):
-        _require(getattr(ev, key) >= 1, f"{where}.{key}", f"must be at least 1, got {getattr(ev, key)}.")
-    _require(
-        ev.disentanglement_repeats >= 2, f"{where}.disentanglement_repeats",
-        f"must be at least 2 (a standard error needs two draws), got {ev.disentanglement_repeats}.",
-    )
-    if ev.mig_points is not None:
-        _require(ev.mig_points >= 2, f"{where}.mig_points", f"must be at least 2, got {ev.mig_points}.")
+    # single values are in range (RANGES): what is left is whether the samples fit the encoded pool
     pool = ev.disentanglement_points
     if pool is not None:
-        _require(pool >= 2, f"{where}.disentanglement_points", f"must be at least 2, got {pool}.")
         _require(
             ev.dci_train + ev.dci_test <= pool, f"{where}.dci_train",
             f"dci_train + dci_test = {ev.dci_train + ev.dci_test} exceeds the {pool} encoded images "
@@ -350,6 +453,7 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
         f"{where}.seed",
         "expected an integer.",
     )
+    EXPERIMENT_RANGES["seed"].check(raw["seed"], f"{where}.seed")
     image_size, channels, flip = _dataset_shape(params, dataset, where)
 
     _require(
@@ -374,32 +478,34 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     _choice(str(trainer.precision), PRECISIONS, f"{where}.trainer.precision")
 
     train = TrainConfig(**build_section(TrainConfig, raw.get("train"), f"{where}.train"))
-    for key in ("batch_size", "max_steps", "accumulate_grad_batches", "val_every_steps", "ckpt_every_steps"):
-        _require(
-            getattr(train, key) >= 1,
-            f"{where}.train.{key}",
-            f"must be at least 1, got {getattr(train, key)}.",
-        )
-    _require(train.lr > 0, f"{where}.train.lr", "must be positive.")
-    _require(0 < train.lrate_decay <= 1, f"{where}.train.lrate_decay", "must lie in (0, 1].")
-    _require(
-        train.ema_coef is None or 0 <= train.ema_coef < 1,
-        f"{where}.train.ema_coef",
-        "must lie in [0, 1), or be null for no EMA.",
-    )
     _choice(train.init, ("orthogonal", "default"), f"{where}.train.init")
 
     evaluate = EvaluateConfig(**build_section(EvaluateConfig, raw.get("evaluate"), f"{where}.evaluate"))
-    _require(evaluate.iw_samples >= 1, f"{where}.evaluate.iw_samples", "must be at least 1.")
-    _require(evaluate.chunk_size >= 1, f"{where}.evaluate.chunk_size", "must be at least 1.")
     _check_disentanglement_sizes(evaluate, f"{where}.evaluate")
     sample = SampleConfig(**build_section(SampleConfig, raw.get("sample"), f"{where}.sample"))
-    _require(
-        all(t >= 0 for t in sample.temperatures), f"{where}.sample.temperatures", "must be non-negative."
-    )
+    _require(bool(sample.temperatures), f"{where}.sample.temperatures", "give at least one temperature.")
+    if kind == "density":
+        _require(
+            all(n < model.depth for n in sample.interpolation_layers),
+            f"{where}.sample.interpolation_layers",
+            f"each is the index (from the top) of the last interpolated ladder layer: at most "
+            f"model.depth-1={model.depth - 1}, got {sample.interpolation_layers!r}.",
+        )
+        _require(
+            sample.neighbourhood_layers <= model.depth,
+            f"{where}.sample.neighbourhood_layers",
+            f"counts ladder layers: at most model.depth={model.depth}, got {sample.neighbourhood_layers!r}.",
+        )
 
     reported = raw.get("reported") or {}
     _require(isinstance(reported, dict), f"{where}.reported", "expected a mapping of metric name to number.")
+    for metric, value in reported.items():
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"{where}.reported.{metric}",
+            f"expected a number, got {value!r}.",
+        )
+        EXPERIMENT_RANGES["reported"].check(value, f"{where}.reported.{metric}")
     baseline = raw.get("baseline")
     if baseline is not None:
         _require(baseline in experiments, f"{where}.baseline", f"no experiment named {baseline!r}.")
@@ -439,13 +545,19 @@ def _release_config(raw: Any, kind: str, where: str) -> ReleaseConfig | None:
 
 
 def validate_params(params: dict[str, Any]) -> list[ExperimentConfig]:
-    """Check every experiment (and the trainer defaults); returns them all."""
+    """Check every dataset, the trainer defaults and every experiment; returns the experiments."""
     allowed = {"datasets", "experiments", "trainer"}
     for key in params:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else f" Known: {', '.join(sorted(allowed))}."
             raise ConfigError(f"{key}: unknown top-level section in params.yaml.{hint}")
+    from sdn.data.sources import make_source  # the data layer imports this module
+
+    datasets = params.get("datasets") or {}
+    _require(isinstance(datasets, dict), "datasets", "expected a mapping of dataset name to settings.")
+    for name, settings in datasets.items():
+        make_source(name, settings)
     build_section(TrainerConfig, params.get("trainer"), "trainer")
     return [experiment_config(params, name) for name in params.get("experiments") or {}]
 

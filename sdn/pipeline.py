@@ -34,15 +34,42 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: damaged, or made with another configuration."""
 
 
-def run_stage(main: Callable[[str], None], usage: str) -> None:
-    """Run `main(name)` with the single command-line argument; known failures exit with a
-    one-paragraph message instead of a traceback."""
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line. An error raised in a DataLoader worker arrives wrapped,
+    with the worker's traceback in its message: keep only the original message."""
+    message = str(error)
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(message.split())
+
+
+def run_stage(main: Callable[..., None], usage: str) -> None:
+    """Run a stage's `main` with its command-line arguments (none, or the one name that `usage`
+    shows). `--help` prints the usage and the stage's docstring (what it writes). A known failure
+    (bad parameters or data, a missing input, a local write failure, a damaged checkpoint, a
+    diverged run) ends with one `error:` line on stderr and exit status 1; anything else is a bug
+    and keeps its traceback."""
     from sdn.config import ConfigError
     from sdn.data import DataError
+    from sdn.data.errors import write_failure
 
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit(f"usage: {usage}")
+    takes_name = "<" in usage
+    args = sys.argv[1:]
+    if any(arg in ("-h", "--help") for arg in args):
+        doc = sys.modules[main.__module__].__doc__ or ""
+        print(f"usage: {usage}\n\n{doc.strip()}")
+        sys.exit(0)
+    # sys.exit(message) prints the message to stderr and exits with status 1
+    if len(args) != int(takes_name) or any(arg.startswith("-") for arg in args):
+        sys.exit(f"usage: {usage}  (--help: what it does and writes)")
     try:
-        main(sys.argv[1])
+        main(*args)
     except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"error: {_one_line(err)}")
+    except OSError as err:
+        why = write_failure(err, err.filename or ".")
+        if why is None:
+            raise
+        sys.exit(f"error: {why} while writing {err.filename}: free space (or fix the permissions), then "
+                 f"rerun the same command. ({err.strerror})")

@@ -155,22 +155,41 @@ class ShardSampler(Sampler[int]):
 # Checkpoints
 
 
+def load_checkpoint_file(path: Path | str) -> Any:
+    """A checkpoint's contents, unpickled with `weights_only=True`: tensors and plain values only,
+    so a planted or tampered file cannot run code (any other object is refused)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file and renames it, so a kill never leaves a
-    truncated checkpoint under the final name."""
+    truncated checkpoint under the final name; loads them with `weights_only=True` (Lightning's own
+    resume load included) and names a local write failure (full disk, permissions) as such."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        from sdn.data.errors import write_failure
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(checkpoint, tmp)
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as error:
+            # torch.save reports a failed write as a RuntimeError without errno: examine the half file
+            why = write_failure(error, tmp) if isinstance(error, (OSError, RuntimeError)) else None
             tmp.unlink(missing_ok=True)  # e.g. a full disk: keep the previous checkpoint, drop the half
+            if why is not None:
+                raise CheckpointError(
+                    f"{why} while writing the checkpoint {path}: free space (or raise the limit, fix the "
+                    "permissions), then rerun the same command; the previous checkpoint is kept."
+                ) from error
             raise
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return load_checkpoint_file(path)
 
 
 class StepCheckpoint(pl.Callback):
@@ -213,7 +232,7 @@ def resumable_checkpoint(ckpt_dir: Path, fingerprint: str, stale_dir: Path) -> P
     if not path.exists():
         return None
     try:
-        found = torch.load(path, map_location="cpu", weights_only=False).get("sdn_fingerprint")
+        found = load_checkpoint_file(path).get("sdn_fingerprint")
         why = f"was made with a different configuration ({found} != {fingerprint})"
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is set aside
         found, why = "unreadable", f"cannot be read ({type(err).__name__}: {str(err)[:200]})"
@@ -394,7 +413,7 @@ def load_ema_model(cfg: ExperimentConfig, ckpt_path: Path) -> nn.Module:
             f"{ckpt_path} not found: train the experiment first (dvc repro train@{cfg.name})."
         )
     try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint_file(ckpt_path)
     except Exception as err:  # noqa: BLE001 - torch raises several kinds for a damaged file
         raise CheckpointError(
             f"{ckpt_path} cannot be read ({type(err).__name__}: {str(err)[:200]}): re-run training "
@@ -415,34 +434,10 @@ def load_ema_model(cfg: ExperimentConfig, ckpt_path: Path) -> nn.Module:
 
 
 def _dataset(lmdb_dir: Path, split: str, dataset: str):
-    from sdn.data import LMDBImageDataset
+    """A checked split (truncation, dataset name, split, per-record checksums): see `open_split`."""
+    from sdn.data import open_split
 
-    path = lmdb_dir / split
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: convert the dataset first (dvc repro convert@{dataset})."
-        )
-    _check_not_truncated(path, dataset)
-    return LMDBImageDataset(path)
-
-
-def _check_not_truncated(path: Path, dataset: str) -> None:
-    """LMDB maps its file into memory, so reading a page past the end of a truncated file kills
-    the process with SIGBUS instead of raising: compare the file with the size LMDB recorded."""
-    from sdn.data import DatasetError
-    from sdn.data.lmdb_store import _environment
-
-    data_file = path / "data.mdb"
-    if not data_file.is_file():
-        return  # the reader reports the missing file with its own message
-    env = _environment(path)
-    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    size = data_file.stat().st_size
-    if size < needed:
-        raise DatasetError(
-            f"{data_file} is truncated ({size} bytes, the database needs {needed}): delete "
-            f"{path.parent} and rebuild it with `dvc repro convert@{dataset}`."
-        )
+    return open_split(lmdb_dir, split, dataset)
 
 
 def _check_image_shape(dataset, cfg: ExperimentConfig, split: str) -> None:
@@ -623,7 +618,7 @@ def train_experiment(
     )
     start_step = 0
     if resume is not None:
-        start_step = int(torch.load(resume, map_location="cpu", weights_only=False)["global_step"])
+        start_step = int(load_checkpoint_file(resume)["global_step"])
         print(f"[sdn] resuming {cfg.name} from {resume} at step {start_step}")
     sampler = StepBatchSampler(
         len(train_set), train.batch_size, cfg.seed, total=train.max_steps * k,

@@ -1,4 +1,7 @@
-"""DVC stage `evaluate@<experiment>`: see sdn.evaluation.run.evaluate_experiment."""
+"""DVC stage `evaluate@<experiment>`: see sdn.evaluation.run.evaluate_experiment.
+
+Writes metrics/<experiment>/eval.json (−ELBO, NLL and KL in bits/dim; disentanglement scores).
+"""
 
 from sdn.config import experiment_config, load_params, validate_params
 from sdn.evaluation.run import evaluate_experiment

@@ -1,4 +1,7 @@
-"""DVC stage `sample@<experiment>`: see sdn.evaluation.run.sample_experiment."""
+"""DVC stage `sample@<experiment>`: see sdn.evaluation.run.sample_experiment.
+
+Writes metrics/<experiment>/samples/*.png (sample grids and the model's other pictures).
+"""
 
 from sdn.config import experiment_config, load_params, validate_params
 from sdn.evaluation.run import sample_experiment

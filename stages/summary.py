@@ -4,6 +4,7 @@ enabled run (pipeline.yaml), exactly the files dvc.yaml lists as this stage's de
 from pathlib import Path
 
 from sdn.config import load_params, validate_params
+from sdn.pipeline import run_stage
 from sdn.registry import enabled_runs
 from sdn.summary import summary_table, write_summary
 
@@ -17,4 +18,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, "python stages/summary.py")

@@ -3,6 +3,8 @@ dotted key and what was expected; the committed params.yaml passes and its defau
 
 import copy
 import dataclasses
+import json
+import typing
 from dataclasses import dataclass
 
 import pytest
@@ -10,7 +12,9 @@ import torch
 import yaml
 
 from sdn.config import (
+    RANGES,
     ConfigError,
+    ExperimentConfig,
     build_model,
     build_section,
     dataset_config,
@@ -18,6 +22,7 @@ from sdn.config import (
     load_params,
     validate_params,
 )
+from sdn.data.sources import SOURCES
 from sdn.models.configs import DensityConfig, DisentanglementConfig
 
 PARAMS = load_params()
@@ -279,12 +284,12 @@ def test_wrong_type_of_experiment_field(key, value, expected):
 IMPOSSIBLE = [
     # density model
     (DENSITY, ("model", "ds_list"), [1, 4], "ds_list", "outside 0..depth-1"),
-    (DENSITY, ("model", "ds_list"), [-1], "ds_list", "outside 0..depth-1"),
+    (DENSITY, ("model", "ds_list"), [-1], "ds_list", "every value must be non-negative"),
     (DENSITY, ("model", "ds_list"), [1, 1], "ds_list", "repeated"),
     (DENSITY, ("model", "nbits"), 0, "nbits", "between 1 and 8"),
     (DENSITY, ("model", "nbits"), 9, "nbits", "between 1 and 8"),
-    (DENSITY, ("model", "sdn_num_dirs"), 5, "sdn_num_dirs", "0 to 4"),
-    (DENSITY, ("model", "sdn_num_dirs"), -1, "sdn_num_dirs", "0 to 4"),
+    (DENSITY, ("model", "sdn_num_dirs"), 5, "sdn_num_dirs", "between 0 and 4"),
+    (DENSITY, ("model", "sdn_num_dirs"), -1, "sdn_num_dirs", "between 0 and 4"),
     (DENSITY, ("model", "sdn_num_dirs"), 0, "sdn_num_dirs", "at least 1 direction"),
     (DENSITY, ("model", "sdn_nfeat_0"), 0, "sdn_nfeat_0", "at least 1 feature"),
     (DENSITY, ("model", "kind"), "gan", "kind", "density, disentanglement"),
@@ -303,7 +308,7 @@ IMPOSSIBLE = [
     (BETA_VAE, ("model", "kind"), "vae", "kind", "density, disentanglement"),
     (BETA_VAE, ("model", "obs_model"), "Gaussian", "obs_model", "DML, DL, Bernoulli"),
     (BETA_VAE, ("model", "nbits"), 9, "nbits", "between 1 and 8"),
-    (BETA_VAE, ("model", "sdn_num_dirs"), 5, "sdn_num_dirs", "0 to 4"),
+    (BETA_VAE, ("model", "sdn_num_dirs"), 5, "sdn_num_dirs", "between 0 and 4"),
     (BETA_VAE, ("model", "sdn_num_dirs"), 0, "sdn_num_dirs", "at least 1 direction"),
     (BETA_VAE, ("model", "sdn_nfeat_0"), 0, "sdn_nfeat_0", "at least 1 feature"),
     (BETA_VAE, ("model", "z_size"), 0, "z_size", "at least 1"),
@@ -466,3 +471,121 @@ def test_load_params_rejects_bad_yaml(tmp_path, text, expected):
 def test_load_params_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranges: every numeric knob has one, and a value outside it is one line naming the dotted key
+
+
+def _numeric_leaves(node, path: tuple = ()):
+    """(path, value) of every number, and every non-empty list of numbers, below `node`."""
+    if isinstance(node, bool):
+        return
+    if isinstance(node, (int, float)):
+        yield path, node
+    elif isinstance(node, list) and node and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in node
+    ):
+        yield path, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _numeric_leaves(value, (*path, key))
+
+
+NUMERIC_KNOBS = [path for path, _ in _numeric_leaves(PARAMS)]
+
+
+def _refused(params: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_params(params)
+    return str(info.value)
+
+
+def test_the_walk_finds_the_knobs_of_every_kind():
+    dotted = {".".join(path) for path in NUMERIC_KNOBS}
+    for key in ("trainer.num_workers", f"experiments.{DENSITY}.seed", "datasets.sprites.factors.hue",
+                f"experiments.{DENSITY}.sample.temperatures", "experiments.cifar10-sdn.train.val_batches",
+                "experiments.cifar10-sdn.reported.neg_elbo_bpd", "datasets.photos32.reductions"):
+        assert key in dotted
+
+
+@pytest.mark.parametrize("path", NUMERIC_KNOBS, ids=[".".join(p) for p in NUMERIC_KNOBS])
+def test_every_numeric_knob_in_params_refuses_a_negative_value(path):
+    # through JSON: params.yaml's anchors share sections between experiments; edit only this one
+    params = json.loads(json.dumps(PARAMS))
+    section = params
+    for key in path[:-1]:
+        section = section[key]
+    value = section[path[-1]]
+    section[path[-1]] = [-1, *value[1:]] if isinstance(value, list) else -1
+    message = _refused(params)
+    assert message.startswith(f"{'.'.join(path)}: ") and "\n" not in message, message
+
+
+def _mentions_number(hint) -> bool:
+    if hint in (int, float):
+        return True
+    return any(_mentions_number(arg) for arg in typing.get_args(hint))
+
+
+def _sections() -> list[tuple[str, type]]:
+    """(params key, dataclass) of each section of an experiment, found from ExperimentConfig."""
+    found = []
+    for name, hint in typing.get_type_hints(ExperimentConfig).items():
+        for cls in typing.get_args(hint) or (hint,):
+            if dataclasses.is_dataclass(cls):
+                found.append((name, cls))
+    return found
+
+
+@pytest.mark.parametrize(("section", "cls"), _sections(), ids=lambda x: getattr(x, "__name__", x))
+def test_every_numeric_field_has_a_range_and_it_is_enforced(section, cls):
+    hints = typing.get_type_hints(cls)
+    numeric = [f.name for f in dataclasses.fields(cls) if _mentions_number(hints[f.name])]
+    missing = [name for name in numeric if name not in RANGES.get(cls, {})]
+    assert not missing, f"{cls.__name__} fields without an entry in sdn.config.RANGES: {missing}"
+    experiment = BETA_VAE if cls is DisentanglementConfig else DENSITY
+    for name in numeric:
+        allowed = RANGES[cls][name]
+        if allowed is None or name in ("image_size", "channels"):  # a choice; set by the dataset
+            continue
+        params = json.loads(json.dumps(PARAMS))
+        own = params["experiments"][experiment].setdefault(section, {})
+        own[name] = [-1] if typing.get_origin(hints[name]) is list else -1
+        message = _refused(params)
+        key = f"experiments.{experiment}.{section}.{name}"
+        assert message.startswith(f"{key}: ") and "must be" in message, message
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_every_numeric_dataset_setting_has_a_range(name):
+    source = SOURCES[name]
+    numeric = [key for key, (types, _) in source.schema.items() if int in types or float in types]
+    assert set(numeric) <= set(source.ranges), sorted(set(numeric) - set(source.ranges))
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("trainer", "num_workers"), 1000, "between 0 and 256"),
+        (experiment_path(DENSITY, "sample", "grid"), 65, "between 1 and 64"),
+        (experiment_path(DENSITY, "train", "gradient_clip_val"), -1.0, "positive"),
+        (experiment_path(DENSITY, "train", "val_batches"), -1, "non-negative"),
+        (experiment_path(DENSITY, "sample", "interpolation_layers"), [5], "at most model.depth=4"),
+        (experiment_path(DENSITY, "sample", "neighbourhood_layers"), 9, "at most model.depth=4"),
+        (experiment_path(DENSITY, "sample", "temperatures"), [], "at least one temperature"),
+        (experiment_path(DENSITY, "seed"), 2**32, "between 0 and 4294967295"),
+        (("datasets", "sprites", "val_fraction"), 1.0, "in (0, 1)"),
+        (("datasets", "photos32", "channels"), 1, "must be 3"),
+        (experiment_path(DENSITY, "reported"), {"neg_elbo_bpd": "low"}, "expected a number"),
+    ],
+)
+def test_values_past_the_upper_bounds_and_across_keys(path, value, expected):
+    params = json.loads(json.dumps(PARAMS))
+    section = params
+    for key in path[:-1]:
+        section = section[key]
+    section[path[-1]] = value
+    message = _refused(params)
+    key = ".".join(path) + (".neg_elbo_bpd" if isinstance(value, dict) else "")
+    assert_names(message, key, expected)

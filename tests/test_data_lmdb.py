@@ -120,7 +120,7 @@ def test_incomplete_corrupt_or_mismatched_databases_fail_clearly(tmp_path: Path)
     hint = r"rebuild it with `dvc repro convert@demo`"
     with pytest.raises(DatasetError, match=rf"promises 30 images but the database holds 29: {hint}"):
         LMDBImageDataset(_damaged(tmp_path, "missing"))
-    with pytest.raises(DatasetError, match=rf"record 29 is 5 bytes, expected 64.*{hint}"):
+    with pytest.raises(DatasetError, match=rf"record 29 is 5 bytes, expected 68.*{hint}"):
         LMDBImageDataset(_damaged(tmp_path, "short"))[29]
     with pytest.raises(DatasetError, match=rf"no metadata: its conversion did not finish; {hint}"):
         read_metadata(_damaged(tmp_path, "meta"))

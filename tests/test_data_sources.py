@@ -6,6 +6,7 @@ import hashlib
 import io
 import math
 import pickle
+import struct
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,49 @@ def _tar(members: dict[str, bytes], mode: str = "w") -> bytes:
     return buffer.getvalue()
 
 
+class _Python2Pickler(pickle._Pickler):
+    """Writes pickles as CIFAR-10's were written (Python 2, protocol 2): byte strings as
+    BINSTRING, numpy's array rebuilder under its numpy 1 name `numpy.core.multiarray`."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_bytes(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+    def save_global(self, obj, name=None) -> None:
+        if obj is np.ndarray.__reduce__(np.zeros(0))[0]:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+    dispatch[type(len)] = save_global
+
+
+def python2_pickle(obj) -> bytes:
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def cifar_archive(batches: dict[str, tuple[np.ndarray, list[int]]], classes: list[bytes]) -> bytes:
+    """A cifar-10-python.tar.gz of the given batches, pickled as the published one is."""
+    members = {
+        f"cifar-10-batches-py/{n}": python2_pickle({b"batch_label": n.encode(), b"data": d, b"labels": y})
+        for n, (d, y) in batches.items()
+    }
+    members["cifar-10-batches-py/batches.meta"] = python2_pickle(
+        {b"label_names": classes, b"num_cases_per_batch": 10000, b"num_vis": 3072}
+    )
+    return _tar(members, "w:gz")
+
+
 def _roundtrip(name: str, cfg: dict, tmp_path: Path) -> Path:
     download_dataset(name, cfg, tmp_path / "raw")
     return convert_dataset(name, cfg, tmp_path / "raw", tmp_path / "lmdb")
@@ -67,12 +111,7 @@ def test_cifar10_archive_reads_back_exactly(server: FileServer, tmp_path: Path) 
         for n, k in (("data_batch_1", 5), ("data_batch_2", 4), ("test_batch", 3))
     }
     classes = [f"class{i}".encode() for i in range(10)]
-    members = {
-        f"cifar-10-batches-py/{n}": pickle.dumps({b"data": d, b"labels": y}, protocol=2)
-        for n, (d, y) in batches.items()
-    }
-    members["cifar-10-batches-py/batches.meta"] = pickle.dumps({b"label_names": classes}, protocol=2)
-    archive = _tar(members, "w:gz")
+    archive = cifar_archive(batches, classes)
     server.files["/cifar-10-python.tar.gz"] = archive
     cfg = {
         "image_size": 32,
@@ -144,8 +183,10 @@ def test_glow_tfrecord_tar_reads_back_exactly(server: FileServer, tmp_path: Path
 
     # a missing shard is reported, not silently skipped
     del members[f"{root}/validation/validation-r05-s-0000-of-0001.tfrecords"]
-    (tmp_path / "raw" / "imagenet32" / "imagenet-oord-tfr.tar").write_bytes(_tar(members))
+    incomplete = _tar(members)
+    (tmp_path / "raw" / "imagenet32" / "imagenet-oord-tfr.tar").write_bytes(incomplete)
     with pytest.raises(DatasetError, match="complete validation split at resolution 32"):
+        cfg["sha256"] = hashlib.sha256(incomplete).hexdigest()
         convert_dataset("imagenet32", cfg, tmp_path / "raw", tmp_path / "lmdb")
 
 
@@ -153,15 +194,19 @@ def test_glow_record_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
     shard = _glow_shard(np.zeros((1, 8, 8, 3), dtype=np.uint8))
     raw = tmp_path / "raw" / "celebahq256"
     raw.mkdir(parents=True)
-    (raw / "celeba-tfr.tar").write_bytes(
-        _tar(
-            {
-                "celeba-tfr/train/train-r08-s-0000-of-0001.tfrecords": shard,
-                "celeba-tfr/validation/validation-r08-s-0000-of-0001.tfrecords": shard,
-            }
-        )
+    archive = _tar(
+        {
+            "celeba-tfr/train/train-r08-s-0000-of-0001.tfrecords": shard,
+            "celeba-tfr/validation/validation-r08-s-0000-of-0001.tfrecords": shard,
+        }
     )
-    cfg = {"image_size": 256, "channels": 3, "url": "https://example.invalid/celeba-tfr.tar", "sha256": None}
+    (raw / "celeba-tfr.tar").write_bytes(archive)
+    cfg = {
+        "image_size": 256,
+        "channels": 3,
+        "url": "https://example.invalid/celeba-tfr.tar",
+        "sha256": hashlib.sha256(archive).hexdigest(),
+    }
     with pytest.raises(DatasetError, match=r"shape \[8, 8, 3\], expected \[256, 256, 3\]"):
         convert_dataset("celebahq256", cfg, tmp_path / "raw", tmp_path / "lmdb")
     assert not (tmp_path / "lmdb" / "celebahq256").exists()
@@ -238,7 +283,7 @@ def test_3dshapes_h5_reads_back_with_factor_indices(server: FileServer, tmp_path
         ),
         ("sprites", {"count": 10**9}, r"datasets.sprites.count: must be null"),
         ("imagenet32", {"image_size": 48}, r"datasets.imagenet32.image_size: GLOW stores powers of two"),
-        ("3dshapes", {"val_fraction": 1.5}, r"datasets.3dshapes.val_fraction: must lie strictly between"),
+        ("3dshapes", {"val_fraction": 1.5}, r"datasets.3dshapes.val_fraction: must be in \(0, 1\)"),
     ],
 )
 def test_bad_settings_name_the_key(name: str, change: dict, message: str) -> None:

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from sdn.config import ExperimentConfig, experiment_config, load_params
-from sdn.data import DatasetError, convert_dataset, download_dataset, read_metadata
+from sdn.data import DataError, DatasetError, convert_dataset, download_dataset, read_metadata
 from sdn.data.lmdb_store import SplitMetadata, write_split
 from sdn.evaluation.run import evaluate_experiment
 from sdn.pipeline import CheckpointError, NonFiniteLossError
@@ -541,7 +541,8 @@ def test_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", half_then_full)
-    with pytest.raises(OSError, match="No space left"):
+    named = r"^disk full while writing the checkpoint .*previous checkpoint is kept"
+    with pytest.raises(CheckpointError, match=named):
         io.save_checkpoint({"global_step": 4, "weights": torch.zeros(1000)}, path)
     assert sorted(p.name for p in path.parent.iterdir()) == [LAST_CHECKPOINT]  # no half file anywhere
     assert load_checkpoint(path)["global_step"] == 2
@@ -764,7 +765,8 @@ def test_full_disk_during_conversion_leaves_the_previous_dataset(
 
     monkeypatch.setattr(lmdb_store, "_put_growing", fill_up)
     cfg = photos_project.read_params()["datasets"]["photos32"]
-    with pytest.raises(OSError, match="No space left"):
+    named = r"^disk full while writing .*lmdb/photos32/train: .*convert@photos32"
+    with pytest.raises(DataError, match=named):
         convert_dataset("photos32", cfg, photos_project.root / "data" / "raw", lmdb_root)
     assert [p.name for p in lmdb_root.iterdir()] == ["photos32"]  # no temporary folder left
     assert read_metadata(lmdb_root / "photos32" / "train") == before

@@ -7,8 +7,15 @@ serve it as uint8 (C, H, W) images with int64 labels.
 
 from typing import Any
 
-from sdn.data.errors import ChecksumError, DataError, DatasetError, DatasetNotFoundError, DownloadError
-from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, inspect_dataset, read_metadata
+from sdn.data.errors import (
+    ChecksumError,
+    DataError,
+    DatasetError,
+    DatasetNotFoundError,
+    DownloadError,
+    LocalWriteError,
+)
+from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, inspect_dataset, open_split, read_metadata
 
 __all__ = [
     "SOURCES",
@@ -20,11 +27,13 @@ __all__ = [
     "EpochSampler",
     "ImageDataModule",
     "LMDBImageDataset",
+    "LocalWriteError",
     "SplitMetadata",
     "convert_dataset",
     "download_dataset",
     "inspect_dataset",
     "make_source",
+    "open_split",
     "read_metadata",
 ]
 

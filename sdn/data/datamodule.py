@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from sdn.data.errors import DatasetError, DatasetNotFoundError
-from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, convert_hint, read_metadata
+from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, convert_hint, open_split
 
 SPLITS = ("train", "val")
 
@@ -49,7 +49,8 @@ class ImageDataModule(pl.LightningDataModule):
     Images are uint8 (B, C, H, W) unless `transform` (applied to each uint8 image) changes
     them; labels are int64 (B, K), K = 0 for datasets without labels. `flip` randomly mirrors
     training images horizontally. Shuffling and flips are deterministic given `seed`.
-    `image_shape`, if given, is checked against the data (C, H, W).
+    `image_shape`, if given, is checked against the data (C, H, W). `dataset` (by default the
+    folder's name, as in `data/lmdb/<dataset>`) must be the dataset the splits were converted for.
     """
 
     def __init__(
@@ -63,21 +64,24 @@ class ImageDataModule(pl.LightningDataModule):
         image_shape: tuple[int, int, int] | None = None,
         pin_memory: bool = False,
         drop_last: bool = False,
+        dataset: str | None = None,
     ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
+        self.dataset_name = dataset or self.data_dir.name
         self.batch_size, self.num_workers = batch_size, num_workers
         self.transform, self.flip, self.seed = transform, flip, seed
         self.pin_memory, self.drop_last = pin_memory, drop_last
-        self._meta = {split: self._read(split) for split in SPLITS}  # fail early, before training
+        # opened (and checked) now, to fail early, before training
+        self._datasets = {split: self._open(split) for split in SPLITS}
+        self._meta: dict[str, SplitMetadata] = {split: data.meta for split, data in self._datasets.items()}
         self._check(image_shape)
-        self._datasets: dict[str, LMDBImageDataset] = {}
 
-    def _read(self, split: str) -> SplitMetadata:
+    def _open(self, split: str) -> LMDBImageDataset:
         path = self.data_dir / split
         if not path.exists():
             raise DatasetNotFoundError(f"{path} not found: build it with {convert_hint(path)}.")
-        return read_metadata(path)
+        return open_split(self.data_dir, split, self.dataset_name, transform=self.transform)
 
     def _check(self, image_shape: tuple[int, int, int] | None) -> None:
         train, val = self._meta["train"], self._meta["val"]
@@ -108,14 +112,8 @@ class ImageDataModule(pl.LightningDataModule):
         }
 
     def dataset(self, split: str) -> LMDBImageDataset:
-        """The `train` or `val` split as a Dataset (opened once, on first use)."""
-        if split not in self._datasets:
-            self._datasets[split] = LMDBImageDataset(self.data_dir / split, self.transform)
+        """The `train` or `val` split as a Dataset."""
         return self._datasets[split]
-
-    def setup(self, stage: str | None = None) -> None:
-        for split in SPLITS:
-            self.dataset(split)
 
     def _loader(self, split: str, shuffle: bool, flip: bool) -> DataLoader:
         dataset = self.dataset(split)

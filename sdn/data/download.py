@@ -20,11 +20,12 @@ import urllib.error
 import urllib.request
 from http.client import HTTPException
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from sdn.data.errors import ChecksumError, DownloadError
+from sdn.data.errors import ChecksumError, DownloadError, local_write_error
 
 ALGORITHMS = ("md5", "sha256")
 _CHUNK = 1 << 20
@@ -80,21 +81,26 @@ def fetch(
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown checksum algorithm {algorithm!r}")
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _raise_local(error, dest.parent, rerun)
     if dest.exists():
-        _verify(dest, algorithm, expected, rerun, pin_key)
+        verify_file(dest, algorithm, expected, rerun, pin_key)
         return dest
     unverified = dest.with_name(dest.name + ".unverified")
     if not unverified.exists():
         part = dest.with_name(dest.name + ".part")
         _download(url, part, dest, algorithm, expected, rerun, retries, timeout)
         part.rename(unverified)
-    _verify(unverified, algorithm, expected, rerun, pin_key)
+    verify_file(unverified, algorithm, expected, rerun, pin_key)
     unverified.rename(dest)
     return dest
 
 
-def _verify(path: Path, algorithm: str, expected: str | None, rerun: str, pin_key: str) -> None:
+def verify_file(path: Path, algorithm: str, expected: str | None, rerun: str, pin_key: str) -> str:
+    """The file's digest, once it matches the pinned `expected`; a ChecksumError otherwise (with
+    the line to pin when nothing is pinned)."""
     actual = file_digest(path, algorithm)
     if expected is None:
         raise ChecksumError(
@@ -109,6 +115,7 @@ def _verify(path: Path, algorithm: str, expected: str | None, rerun: str, pin_ke
             f"If the source changed on purpose, pin the new value under {pin_key} in params.yaml; "
             f"otherwise delete {path} and rerun `{rerun}` to download it again."
         )
+    return actual
 
 
 def _download(
@@ -149,22 +156,33 @@ def _download(
             length = response.headers.get("Content-Length")
             total = start + int(length) if length is not None else None
             try:
-                with (
-                    part.open("ab" if start else "wb") as handle,
-                    tqdm(
-                        total=total,
-                        initial=start,
-                        unit="B",
-                        unit_scale=True,
-                        desc=dest.name,
-                        mininterval=1.0,
-                    ) as bar,
-                ):
-                    while chunk := response.read(_CHUNK):
+                handle = part.open("ab" if start else "wb")
+            except OSError as error:
+                _raise_local(error, part, rerun)
+            with (
+                handle,
+                tqdm(
+                    total=total,
+                    initial=start,
+                    unit="B",
+                    unit_scale=True,
+                    desc=dest.name,
+                    mininterval=1.0,
+                ) as bar,
+            ):
+                while True:
+                    try:
+                        chunk = response.read(_CHUNK)
+                    except (OSError, HTTPException):
+                        break  # a cut connection: what arrived is kept, the next attempt resumes
+                    if not chunk:
+                        break
+                    try:
                         handle.write(chunk)
-                        bar.update(len(chunk))
-            except (OSError, HTTPException):
-                pass  # a cut connection: what arrived is kept, the next attempt resumes
+                        handle.flush()
+                    except OSError as error:  # a local failure: another attempt cannot help
+                        _raise_local(error, part, rerun)
+                    bar.update(len(chunk))
         size = part.stat().st_size
         if total is None or size == total:  # without a length, EOF ends it and the checksum judges
             return
@@ -175,6 +193,14 @@ def _download(
         f"{total} bytes after {retries} attempts. The partial file {part} is kept: rerun "
         f"`{rerun}` to resume it."
     )
+
+
+def _raise_local(error: OSError, path: Path, rerun: str) -> NoReturn:
+    """Raise the named local write failure (full disk, file size limit, permissions), else `error`."""
+    named = local_write_error(error, path, rerun)
+    if named is None:
+        raise error
+    raise named from error
 
 
 def _resume_point(response, start: int, url: str) -> int:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import resource
+import shutil
+from pathlib import Path
+
 
 class DataError(RuntimeError):
     """Base class of every data failure (download, checksum, conversion, reading)."""
@@ -21,3 +27,60 @@ class DatasetError(DataError):
 
 class DatasetNotFoundError(DataError, FileNotFoundError):
     """A stage output that should exist does not: the message names the DVC stage that builds it."""
+
+
+class LocalWriteError(DataError):
+    """Writing a local file failed for a local reason (full disk, file size limit, permissions):
+    retrying or downloading again cannot help."""
+
+
+_REASONS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file size limit reached",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+}
+_LOW_SPACE = 16 << 20
+
+
+def write_failure(error: BaseException, path: Path | str) -> str | None:
+    """What local cause made writing `path` fail ("disk full", ...), or None if none is seen.
+
+    An OSError carries its errno. LMDB and torch.save report a failed write without one (as
+    "Input/output error" or "file write failed"), so for them the machine is examined: free
+    space, the process's file size limit (`ulimit -f`) and write permission.
+    """
+    if isinstance(error, OSError) and error.errno is not None:
+        return _REASONS.get(error.errno)
+    path = Path(path)
+    folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("."))
+    try:
+        if shutil.disk_usage(folder).free < _LOW_SPACE:
+            return "disk full"
+    except OSError:
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        written = max((p.stat().st_size for p in (path, *path.glob("*")) if p.is_file()), default=0)
+        if written + (1 << 20) >= limit:  # within a megabyte of the limit: that write crossed it
+            return f"file size limit ({limit} bytes, `ulimit -f`) reached"
+    if not os.access(folder, os.W_OK):
+        return "permission denied"
+    return None
+
+
+def local_write_error(
+    error: BaseException, path: Path | str, rerun: str, shown: Path | str | None = None
+) -> LocalWriteError | None:
+    """A LocalWriteError naming the cause of a failed write of `path` (called `shown` in the
+    message, e.g. the final name of a temporary folder), or None if the cause is not local."""
+    why = write_failure(error, path)
+    if why is None:
+        return None
+    fix = {"permission denied": "make its folder writable", "read-only file system": "write elsewhere"}
+    return LocalWriteError(
+        f"{why} while writing {shown or path}: {fix.get(why, 'free space or raise the limit')}, then "
+        f"rerun `{rerun}`. ({error})"
+    )

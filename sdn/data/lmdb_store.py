@@ -6,7 +6,13 @@ Each split of `data/lmdb/<dataset>/` is an LMDB environment (`train/`, `val/`) h
   names, sizes and value names, and where the data came from. It is written last, in the
   final transaction, so an environment without it is incomplete.
 * `0000000000`, `0000000001`, ...: image `i` as raw uint8 bytes in (C, H, W) order, followed
-  by its labels as little-endian int64.
+  by its labels as little-endian int64 and the CRC-32C of both (little-endian uint32).
+
+Every reader goes through `read_metadata` (and `LMDBImageDataset`, built on it), which checks
+before any record is touched that the file is not truncated (LMDB maps the file: a read past
+its end is a SIGBUS, not an exception), that the metadata matches the database and, where the
+caller says what it expects, the dataset, split and image shape. Each record's CRC-32C is checked
+as it is read, so a flipped bit on disk is an error naming the record, never different pixels.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import lmdb
 import numpy as np
 import torch
@@ -29,8 +36,14 @@ from sdn.data.errors import DatasetError, DatasetNotFoundError
 
 META_KEY = b"__meta__"
 FORMAT = "sdn-lmdb-images"
-VERSION = 1
-ENCODING = "uint8 image bytes in (C, H, W) order, then int64 little-endian labels"
+VERSION = 2
+ENCODING = (
+    "uint8 image bytes in (C, H, W) order, then int64 little-endian labels, then the CRC-32C "
+    "(Castagnoli) of both as a little-endian uint32"
+)
+CRC_BYTES = 4
+# LMDB's two meta pages: a smaller file cannot even be opened without reading past its end.
+_MIN_FILE_BYTES = 2 * 4096
 _MIN_MAP_SIZE = 1 << 26
 
 
@@ -39,9 +52,9 @@ def record_key(index: int) -> bytes:
     return b"%010d" % index
 
 
-def convert_hint(split_path: Path) -> str:
+def convert_hint(split_path: Path, dataset: str | None = None) -> str:
     """The command that rebuilds a split at `data/lmdb/<dataset>/<split>`."""
-    dataset = Path(split_path).parent.name
+    dataset = dataset or Path(split_path).parent.name
     return f"`dvc repro convert@{dataset}` (or `python stages/convert.py {dataset}`)"
 
 
@@ -64,8 +77,13 @@ class SplitMetadata:
         return channels * height * width
 
     @property
-    def record_bytes(self) -> int:
+    def payload_bytes(self) -> int:
+        """Image and labels: what the record's CRC covers."""
         return self.image_bytes + 8 * len(self.label_names)
+
+    @property
+    def record_bytes(self) -> int:
+        return self.payload_bytes + CRC_BYTES
 
     def to_json(self) -> dict[str, Any]:
         """The JSON-ready form stored in the database (with format, dtype and encoding)."""
@@ -79,6 +97,7 @@ class SplitMetadata:
             "dtype": "uint8",
             "label_dtype": "int64",
             "encoding": ENCODING,
+            "record_checksum": "crc32c",
             **data,
         }
 
@@ -111,9 +130,17 @@ class SplitMetadata:
 _OPEN: dict[str, tuple[int, tuple[int, int], lmdb.Environment]] = {}
 
 
+def _truncated(data_file: Path, size: int, needed: int) -> DatasetError:
+    return DatasetError(
+        f"{data_file} is truncated ({size} bytes, the database needs {needed}): delete "
+        f"{data_file.parent.parent} and rebuild it with `dvc repro convert@{data_file.parent.parent.name}`."
+    )
+
+
 def _environment(path: Path) -> lmdb.Environment:
+    data_file = path / "data.mdb"
     try:
-        stat = (path / "data.mdb").stat()
+        stat = data_file.stat()
     except FileNotFoundError:
         raise DatasetNotFoundError(
             f"{path} is not a converted dataset split: build it with {convert_hint(path)}."
@@ -123,8 +150,11 @@ def _environment(path: Path) -> lmdb.Environment:
     if cached is not None:
         if cached[:2] == (pid, identity):
             _OPEN[key] = cached
+            _check_size(data_file, cached[2])  # the file may have been cut since it was opened
             return cached[2]
         cached[2].close()  # inherited from the parent (its copy stays open there), or rebuilt since
+    if stat.st_size < _MIN_FILE_BYTES:
+        raise _truncated(data_file, stat.st_size, _MIN_FILE_BYTES)
     try:
         # lock=False: read-only users need no lock file (works on read-only mounts, many workers).
         env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
@@ -133,34 +163,64 @@ def _environment(path: Path) -> lmdb.Environment:
             f"{path} is not a readable LMDB database ({error}): delete it and rebuild it with "
             f"{convert_hint(path)}."
         ) from error
+    try:
+        _check_size(data_file, env)
+    except BaseException:
+        env.close()
+        raise
     _OPEN[key] = (pid, identity, env)
     return env
 
 
-def read_metadata(path: Path | str) -> SplitMetadata:
-    """The metadata of the split at `path`, after checking it matches the database."""
+def _check_size(data_file: Path, env: lmdb.Environment) -> None:
+    """LMDB maps its file into memory, so reading a page past the end of a truncated file kills
+    the process with SIGBUS instead of raising: compare the file with the size LMDB recorded."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = data_file.stat().st_size
+    if size < needed:
+        raise _truncated(data_file, size, needed)
+
+
+def read_metadata(
+    path: Path | str,
+    *,
+    dataset: str | None = None,
+    split: str | None = None,
+    shape: tuple[int, int, int] | None = None,
+) -> SplitMetadata:
+    """The metadata of the split at `path`, after checking it matches the database.
+
+    The one door to a converted split: the file is checked for truncation before LMDB reads a
+    page, and `dataset`, `split` and `shape`, where given, must be what the metadata says (a
+    dataset converted for another name, even with images of the same shape, is refused).
+    """
     path = Path(path)
+    hint = convert_hint(path, dataset)
     try:
         with _environment(path).begin() as txn:
             raw = txn.get(META_KEY)
             entries = txn.stat()["entries"]
     except lmdb.Error as error:
-        raise DatasetError(f"{path} is corrupt ({error}): rebuild it with {convert_hint(path)}.") from error
+        raise DatasetError(f"{path} is corrupt ({error}): rebuild it with {hint}.") from error
     if raw is None:
-        raise DatasetError(
-            f"{path} has no metadata: its conversion did not finish; rebuild it with {convert_hint(path)}."
-        )
+        raise DatasetError(f"{path} has no metadata: its conversion did not finish; rebuild it with {hint}.")
     try:
         meta = SplitMetadata.from_json(json.loads(raw), str(path))
-    except json.JSONDecodeError as error:
-        raise DatasetError(
-            f"{path}: unreadable metadata ({error}); rebuild it with {convert_hint(path)}."
-        ) from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: unreadable metadata ({error}); rebuild it with {hint}.") from error
     if entries != meta.count + 1:
         raise DatasetError(
             f"{path}: metadata promises {meta.count} images but the database holds {entries - 1}: "
-            f"rebuild it with {convert_hint(path)}."
+            f"rebuild it with {hint}."
         )
+    expected = {"dataset": dataset, "split": split, "shape": None if shape is None else tuple(shape)}
+    for what, want in expected.items():
+        found = getattr(meta, what)
+        if want is not None and found != want:
+            raise DatasetError(
+                f"{path} holds {what} {found!r} but {want!r} is expected here: it was converted for "
+                f"something else. Delete {path.parent} and rebuild it with {hint}."
+            )
     return meta
 
 
@@ -224,7 +284,9 @@ def _records(
             f"{meta.dataset}/{meta.split}: a label lies outside 0..size-1 for sizes {meta.label_sizes}."
         )
     for i in range(len(images)):
-        yield record_key(start + i), images[i].tobytes() + labels[i].tobytes()
+        payload = images[i].tobytes() + labels[i].tobytes()
+        # CRC-32C: computed by the CPU's CRC32 instruction, about 9x faster to check than zlib's CRC-32
+        yield record_key(start + i), payload + google_crc32c.value(payload).to_bytes(CRC_BYTES, "little")
 
 
 def _put_growing(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
@@ -242,15 +304,25 @@ def _put_growing(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> Non
 class LMDBImageDataset(Dataset):
     """One converted split, as `(image uint8 (C, H, W), labels int64 (K,))` pairs.
 
-    The environment is opened lazily, read-only, in each process that reads (fork-safe with
+    Opening checks the split through `read_metadata` (with the `dataset`, `split` and `shape`
+    the caller expects, where given); every record's CRC is checked as it is read. The
+    environment is opened lazily, read-only, in each process that reads (fork-safe with
     DataLoader workers) and shared with the other readers of the same split in that process.
     An item may be an index or an `(index, flip)` pair, where `flip` asks for a horizontal flip
     (see `EpochSampler`); `transform` is applied to the uint8 image.
     """
 
-    def __init__(self, path: Path | str, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        *,
+        dataset: str | None = None,
+        split: str | None = None,
+        shape: tuple[int, int, int] | None = None,
+    ) -> None:
         self.path = Path(path)
-        self.meta = read_metadata(self.path)
+        self.meta = read_metadata(self.path, dataset=dataset, split=split, shape=shape)
         self.transform = transform
         self._env: lmdb.Environment | None = None
         self._pid: int | None = None
@@ -262,11 +334,31 @@ class LMDBImageDataset(Dataset):
         # An open environment must not cross a process boundary (spawn): each process opens its own.
         return {**self.__dict__, "_env": None, "_pid": None}
 
-    def _txn(self) -> lmdb.Transaction:
+    def _corrupt(self, index: int, what: str) -> DatasetError:
+        meta = self.meta
+        return DatasetError(
+            f"{meta.dataset}/{meta.split} record {index} {what} ({self.path}): the database is corrupt "
+            f"or does not match its metadata; rebuild it with {convert_hint(self.path, meta.dataset)}."
+        )
+
+    def record(self, index: int) -> bytes:
+        """The checked bytes of record `index`: image, then labels (the CRC removed)."""
         if self._pid != os.getpid():
             self._env = _environment(self.path)
             self._pid = os.getpid()
-        return self._env.begin()
+        try:
+            with self._env.begin() as txn:
+                value = txn.get(record_key(index))
+        except lmdb.Error as error:  # e.g. CorruptedError: a damaged page of the tree
+            raise self._corrupt(index, f"cannot be read ({type(error).__name__}: {error})") from error
+        if value is None or len(value) != self.meta.record_bytes:
+            found = "missing" if value is None else f"{len(value)} bytes, expected {self.meta.record_bytes}"
+            raise self._corrupt(index, f"is {found}")
+        payload, stored = value[: -CRC_BYTES], int.from_bytes(value[-CRC_BYTES:], "little")
+        computed = google_crc32c.value(payload)
+        if computed != stored:
+            raise self._corrupt(index, f"fails its checksum (crc32c {computed:08x}, stored {stored:08x})")
+        return payload
 
     def __getitem__(self, item: int | tuple[int, bool]) -> tuple[Tensor, Tensor]:
         index, flip = item if isinstance(item, tuple) else (item, False)
@@ -275,18 +367,11 @@ class LMDBImageDataset(Dataset):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images in {self.path}")
-        with self._txn() as txn:
-            value = txn.get(record_key(index))
-        if value is None or len(value) != self.meta.record_bytes:
-            found = "missing" if value is None else f"{len(value)} bytes, expected {self.meta.record_bytes}"
-            raise DatasetError(
-                f"{self.path}: record {index} is {found}: the database is corrupt or does not match "
-                f"its metadata; rebuild it with {convert_hint(self.path)}."
-            )
-        image = torch.frombuffer(bytearray(memoryview(value)[: self.meta.image_bytes]), dtype=torch.uint8)
+        payload = self.record(index)
+        image = torch.frombuffer(bytearray(payload[: self.meta.image_bytes]), dtype=torch.uint8)
         image = image.view(self.meta.shape)
         labels = torch.from_numpy(
-            np.frombuffer(value, dtype="<i8", offset=self.meta.image_bytes).astype(np.int64)
+            np.frombuffer(payload, dtype="<i8", offset=self.meta.image_bytes).astype(np.int64)
         )
         if flip:
             image = image.flip(-1)
@@ -295,8 +380,36 @@ class LMDBImageDataset(Dataset):
         return image, labels
 
 
-def inspect_dataset(name: str, data_root: Path | str = "data") -> dict[str, Any]:
-    """JSON-ready summary of `data_root/lmdb/<name>`: per split its count, image shape and labels."""
+def open_split(
+    lmdb_dir: Path | str,
+    split: str,
+    dataset: str,
+    *,
+    shape: tuple[int, int, int] | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> LMDBImageDataset:
+    """Split `split` of `dataset`, converted under `lmdb_dir` (`data/lmdb/<dataset>`), fully
+    checked: what the pipeline's stages, the DataModule and `inspect` read through."""
+    path = Path(lmdb_dir) / split
+    if not path.exists():
+        raise DatasetNotFoundError(
+            f"{path} not found: convert the dataset first (dvc repro convert@{dataset})."
+        )
+    return LMDBImageDataset(path, transform, dataset=dataset, split=split, shape=shape)
+
+
+def verify_split(data: LMDBImageDataset) -> int:
+    """Read every record of a split, checking its CRC; returns the count."""
+    for index in tqdm(range(len(data)), desc=f"verify {data.meta.dataset}/{data.meta.split}",
+                      unit="img", mininterval=1.0, leave=False):
+        data.record(index)
+    return len(data)
+
+
+def inspect_dataset(name: str, data_root: Path | str = "data", *, verify: bool = True) -> dict[str, Any]:
+    """JSON-ready summary of `data_root/lmdb/<name>`: per split its count, image shape and labels.
+
+    With `verify`, every record's checksum is checked first (one read of the whole dataset)."""
     root = Path(data_root) / "lmdb" / name
     splits = sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
     if not splits:
@@ -306,7 +419,10 @@ def inspect_dataset(name: str, data_root: Path | str = "data") -> dict[str, Any]
         )
     summary: dict[str, Any] = {"dataset": name, "path": str(root), "splits": {}}
     for split in splits:
-        meta = read_metadata(split)
+        data = open_split(root, split.name, name)
+        if verify:
+            verify_split(data)
+        meta = data.meta
         summary["splits"][split.name] = {
             "count": meta.count,
             "shape": list(meta.shape),

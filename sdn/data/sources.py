@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import lmdb
 import numpy as np
 
-from sdn.config import ConfigError
+from sdn.config import AT_LEAST_1, SEED, UNIT_OPEN, ConfigError, Range
 from sdn.data import photos, sprites
-from sdn.data.download import ALGORITHMS, fetch, file_name
-from sdn.data.errors import DatasetError, DatasetNotFoundError
+from sdn.data.download import ALGORITHMS, fetch, file_name, verify_file
+from sdn.data.errors import DatasetError, DatasetNotFoundError, local_write_error
 from sdn.data.lmdb_store import SplitMetadata, write_split
 from sdn.data.tfrecord import parse_example, read_records
 
@@ -68,6 +69,8 @@ class Source:
         "channels": ((int,), _REQUIRED),
         "flip": ((bool,), False),
     }
+    # The range of every numeric setting (tests/test_config.py fails for one without a range).
+    ranges: ClassVar[dict[str, Range]] = {"image_size": AT_LEAST_1, "channels": Range(3, 3)}
 
     def __init__(self, name: str, cfg: Mapping[str, Any] | None) -> None:
         self.name = name
@@ -90,8 +93,8 @@ class Source:
                 raise ConfigError(f"datasets.{name}.{key}: expected {self._names(types)}, got {cfg[key]!r}.")
             else:
                 self.cfg[key] = cfg[key]
-        self._require(self.cfg["image_size"] > 0, "image_size", "must be positive")
-        self._require(self.cfg["channels"] == 3, "channels", "every dataset here is RGB: use 3")
+            if key in self.ranges:
+                self.ranges[key].check(self.cfg[key], f"datasets.{name}.{key}")
         self.check()
 
     @staticmethod
@@ -154,13 +157,23 @@ class RemoteSource(Source):
         file_name(self.cfg["url"])
 
     def archive(self, raw_dir: Path) -> Path:
+        """The raw file, once its checksum matches the pinned one: it is checked here, at
+        conversion, and not only at download, since a file can be put or changed by hand."""
         path = raw_dir / file_name(self.cfg["url"])
         if not path.is_file():
             raise self._missing_raw(path)
+        self.verified_digest = verify_file(
+            path,
+            self.algorithm,
+            self.cfg[self.algorithm],
+            rerun=f"dvc repro convert@{self.name}",
+            pin_key=f"datasets.{self.name}.{self.algorithm}",
+        )
         return path
 
     def provenance(self) -> dict[str, Any]:
-        return {"url": self.cfg["url"], self.algorithm: self.cfg[self.algorithm]}
+        # the digest computed from the file that was read, not the pinned value it was checked against
+        return {"url": self.cfg["url"], self.algorithm: getattr(self, "verified_digest", None)}
 
     def download(self, raw_dir: Path) -> None:
         fetch(
@@ -218,9 +231,48 @@ class Cifar10Source(RemoteSource):
 
     @staticmethod
     def _unpickle(tar: tarfile.TarFile, member: str) -> dict:
-        # The archive's checksum was verified when it was downloaded.
+        # The archive's checksum has been checked, and still nothing in it may run: see _BatchUnpickler.
+        where = f"{tar.name}:{member}"
         with tar.extractfile(member) as handle:
-            return pickle.load(handle, encoding="bytes")
+            try:
+                batch = _BatchUnpickler(handle, where).load()
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+                raise DatasetError(f"{where} is not a readable CIFAR-10 batch ({error}).") from error
+        if not isinstance(batch, dict) or not all(isinstance(k, bytes) for k in batch):
+            raise DatasetError(f"{where} is not a CIFAR-10 batch (a dict with bytes keys).")
+        data = batch.get(b"data")
+        if data is not None and (not isinstance(data, np.ndarray) or data.dtype != np.uint8):
+            raise DatasetError(f"{where}: 'data' is not a uint8 array.")
+        return batch
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles what CIFAR-10's python batches hold and nothing else.
+
+    The batches are Python 2 pickles of dicts of byte strings, lists of ints and byte strings,
+    and one uint8 numpy array; the only globals they name are the three that rebuild that array.
+    Any other global (`os.system`, `builtins.eval`, ...) is how a pickle runs code: refused.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def __init__(self, handle, where: str) -> None:
+        super().__init__(handle, encoding="bytes")
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self._ALLOWED.get((module, name))
+        if found is None:
+            raise DatasetError(
+                f"{self.where} refers to {module}.{name}, which CIFAR-10's batches never hold: the "
+                "archive is not the published one; it is not unpickled (nothing in it was run)."
+            )
+        return found
 
 
 class GlowSource(RemoteSource):
@@ -294,6 +346,7 @@ def _val_mask(count: int, fraction: float, seed: int) -> np.ndarray:
 
 # Settings of a validation split drawn at random (3dshapes, sprites).
 _HELD_OUT = {"val_fraction": ((float, int), 0.1), "seed": ((int,), 0)}
+_HELD_OUT_RANGES = {"val_fraction": UNIT_OPEN, "seed": SEED}
 
 
 class Shapes3DSource(RemoteSource):
@@ -301,10 +354,7 @@ class Shapes3DSource(RemoteSource):
 
     FACTORS = ("floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation")
     schema = {**RemoteSource.schema, **_HELD_OUT, "train_includes_val": ((bool,), True)}
-
-    def check(self) -> None:
-        super().check()
-        self._require(0 < self.cfg["val_fraction"] < 1, "val_fraction", "must lie strictly between 0 and 1")
+    ranges = {**RemoteSource.ranges, **_HELD_OUT_RANGES}
 
     def read(self, raw_dir: Path) -> DatasetContent:
         import h5py
@@ -415,6 +465,7 @@ class Photos32Source(_OfflineSource):
         "stride": ((int,), _REQUIRED),
         "reductions": ((list,), [1]),
     }
+    ranges = {**Source.ranges, "stride": AT_LEAST_1, "reductions": AT_LEAST_1}
     generator_keys = ("photos", "image_size", "stride", "reductions")
 
     def check(self) -> None:
@@ -433,10 +484,8 @@ class Photos32Source(_OfflineSource):
             "val_photos",
             "must be some, but not all, of `photos`",
         )
-        self._require(self.cfg["stride"] > 0, "stride", "must be positive")
         self._require(
-            bool(self.cfg["reductions"])
-            and all(_type_ok(r, (int,)) and r >= 1 for r in self.cfg["reductions"]),
+            bool(self.cfg["reductions"]) and all(_type_ok(r, (int,)) for r in self.cfg["reductions"]),
             "reductions",
             "must be a list of integer factors >= 1",
         )
@@ -477,9 +526,13 @@ class SpritesSource(_OfflineSource):
         "count": ((int, type(None)), None),
         "factors": ((dict,), _REQUIRED),
     }
+    # factors: the number of values of each factor
+    ranges = {**Source.ranges, **_HELD_OUT_RANGES, "count": Range(2), "factors": AT_LEAST_1}
     generator_keys = ("image_size", "factors", "count", "seed")
 
     def check(self) -> None:
+        for factor, size in self.cfg["factors"].items():
+            self.ranges["factors"].check(size, f"datasets.{self.name}.factors.{factor}")
         problem = sprites.check_sizes(self.cfg["factors"], self.cfg["image_size"])
         self._require(problem is None, "factors", problem or "")
         # labels come in the renderer's order, whatever the order in params.yaml
@@ -491,7 +544,6 @@ class SpritesSource(_OfflineSource):
             "count",
             f"must be null (all {total} combinations) or 2..{total}",
         )
-        self._require(0 < self.cfg["val_fraction"] < 1, "val_fraction", "must lie strictly between 0 and 1")
 
     def download(self, raw_dir: Path) -> None:
         sizes = self.cfg["factors"]
@@ -545,7 +597,13 @@ def download_dataset(
     """Fetch (remote) or build (offline) the raw files of `name` into `raw_root/<name>/`."""
     source = make_source(name, cfg)
     raw_dir = Path(raw_root) / name
-    source.download(raw_dir)
+    try:
+        source.download(raw_dir)
+    except OSError as error:
+        named = local_write_error(error, raw_dir, f"dvc repro download@{name}")
+        if named is None:
+            raise
+        raise named from error
     return raw_dir
 
 
@@ -565,10 +623,18 @@ def convert_dataset(
     source = make_source(name, cfg)
     content = source.read(Path(raw_root) / name)
     lmdb_root = Path(lmdb_root)
-    lmdb_root.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(lmdb_root / name)
+    try:
+        lmdb_root.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir(lmdb_root / name)
+    except OSError as error:
+        named = local_write_error(error, lmdb_root, f"dvc repro convert@{name}")
+        if named is None:
+            raise
+        raise named from error
+    writing = tmp
     try:
         for split, split_source in content.splits.items():
+            writing = tmp / split
             meta = SplitMetadata(
                 dataset=name,
                 split=split,
@@ -587,8 +653,15 @@ def convert_dataset(
                     f"{name}: the {split} split is empty; check datasets.{name} in params.yaml."
                 )
         final = lmdb_root / name
+        writing = final
         replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as error:
+        named = None
+        if isinstance(error, (OSError, lmdb.Error)):  # LMDB reports a failed write without its errno
+            shown = lmdb_root / name / writing.relative_to(tmp) if writing.is_relative_to(tmp) else writing
+            named = local_write_error(error, writing, f"dvc repro convert@{name}", shown)
         shutil.rmtree(tmp, ignore_errors=True)
+        if named is not None:
+            raise named from error
         raise
     return final
