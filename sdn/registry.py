@@ -78,7 +78,7 @@ def resolve_runs(
     def expand(names: list[str]) -> set[str]:
         chosen: set[str] = set()
         for name in names:
-            # a dataset's name enables the runs trained on it; an imported checkpoint is enabled by its own name
+            # a dataset enables the runs trained on it; an imported checkpoint is enabled by its own name
             matches = {exp for exp, cfg in experiments.items()
                        if exp == name or (cfg.get("dataset") == name and not cfg.get("release"))}
             if not matches:
