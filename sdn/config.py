@@ -545,19 +545,18 @@ def _release_config(raw: Any, kind: str, where: str) -> ReleaseConfig | None:
 
 
 def validate_params(params: dict[str, Any]) -> list[ExperimentConfig]:
-    """Check every dataset, the trainer defaults and every experiment; returns the experiments."""
+    """Check the trainer defaults and every experiment; returns the experiments. Each dataset's own
+    settings (URLs, checksums, generation knobs) are checked by `sdn.data.sources.validate_datasets`,
+    which the data stages run: the stages downstream of the data read only a dataset's shape and
+    flips (checked here), and so neither import nor depend on the data sources."""
     allowed = {"datasets", "experiments", "trainer"}
     for key in params:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else f" Known: {', '.join(sorted(allowed))}."
             raise ConfigError(f"{key}: unknown top-level section in params.yaml.{hint}")
-    from sdn.data.sources import make_source  # the data layer imports this module
-
     datasets = params.get("datasets") or {}
     _require(isinstance(datasets, dict), "datasets", "expected a mapping of dataset name to settings.")
-    for name, settings in datasets.items():
-        make_source(name, settings)
     build_section(TrainerConfig, params.get("trainer"), "trainer")
     return [experiment_config(params, name) for name in params.get("experiments") or {}]
 

@@ -22,7 +22,7 @@ from sdn.config import (
     load_params,
     validate_params,
 )
-from sdn.data.sources import SOURCES
+from sdn.data.sources import SOURCES, validate_datasets
 from sdn.models.configs import DensityConfig, DisentanglementConfig
 
 PARAMS = load_params()
@@ -318,7 +318,7 @@ IMPOSSIBLE = [
     # training, evaluation, sampling, trainer
     (DENSITY, ("train", "lrate_decay"), 0.0, "lrate_decay", "(0, 1]"),
     (DENSITY, ("train", "lrate_decay"), 1.5, "lrate_decay", "(0, 1]"),
-    (DENSITY, ("train", "ema_coef"), 1.0, "ema_coef", "[0, 1), or be null for no EMA"),
+    (DENSITY, ("train", "ema_coef"), 1.0, "ema_coef", "[0, 1)"),
     (DENSITY, ("train", "ema_coef"), -0.5, "ema_coef", "[0, 1)"),
     (DENSITY, ("train", "lr"), 0.0, "lr", "positive"),
     (DENSITY, ("train", "batch_size"), 0, "batch_size", "at least 1"),
@@ -496,16 +496,19 @@ NUMERIC_KNOBS = [path for path, _ in _numeric_leaves(PARAMS)]
 
 
 def _refused(params: dict) -> str:
+    """What the stages check before any work: the experiments (every stage) and the datasets
+    (the data stages)."""
     with pytest.raises(ConfigError) as info:
         validate_params(params)
+        validate_datasets(params)
     return str(info.value)
 
 
 def test_the_walk_finds_the_knobs_of_every_kind():
     dotted = {".".join(path) for path in NUMERIC_KNOBS}
     for key in ("trainer.num_workers", f"experiments.{DENSITY}.seed", "datasets.sprites.factors.hue",
-                f"experiments.{DENSITY}.sample.temperatures", "experiments.cifar10-sdn.train.val_batches",
-                "experiments.cifar10-sdn.reported.neg_elbo_bpd", "datasets.photos32.reductions"):
+                f"experiments.{DENSITY}.sample.temperatures", f"experiments.{DENSITY}.train.val_every_steps",
+                "experiments.cifar10-sdn.reported.nll_bpd", "datasets.photos32.reductions"):
         assert key in dotted
 
 
@@ -571,7 +574,7 @@ def test_every_numeric_dataset_setting_has_a_range(name):
         (experiment_path(DENSITY, "sample", "grid"), 65, "between 1 and 64"),
         (experiment_path(DENSITY, "train", "gradient_clip_val"), -1.0, "positive"),
         (experiment_path(DENSITY, "train", "val_batches"), -1, "non-negative"),
-        (experiment_path(DENSITY, "sample", "interpolation_layers"), [5], "at most model.depth=4"),
+        (experiment_path(DENSITY, "sample", "interpolation_layers"), [5], "at most model.depth-1=3"),
         (experiment_path(DENSITY, "sample", "neighbourhood_layers"), 9, "at most model.depth=4"),
         (experiment_path(DENSITY, "sample", "temperatures"), [], "at least one temperature"),
         (experiment_path(DENSITY, "seed"), 2**32, "between 0 and 4294967295"),

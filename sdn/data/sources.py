@@ -582,6 +582,15 @@ SOURCES: dict[str, type[Source]] = {
 }
 
 
+def validate_datasets(params: Mapping[str, Any]) -> None:
+    """Check every `datasets.<name>` section of params.yaml (its keys, types and ranges)."""
+    datasets = params.get("datasets") or {}
+    if not isinstance(datasets, Mapping):
+        raise ConfigError("datasets: expected a mapping of dataset name to settings.")
+    for name, settings in datasets.items():
+        make_source(name, settings)
+
+
 def make_source(name: str, cfg: Mapping[str, Any] | None) -> Source:
     """The validated source of dataset `name` (its `datasets.<name>` settings)."""
     if name not in SOURCES:
