@@ -1,0 +1,1 @@
+"""Evaluation: −ELBO and importance-weighted NLL, disentanglement scores, sample pictures."""

@@ -1,0 +1,1 @@
+"""The two VAEs of the paper as plain `nn.Module`s, and their configuration dataclasses."""
