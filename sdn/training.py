@@ -532,6 +532,13 @@ class LiveCurves(pl.Callback):
         if grew:
             self._write_latest(pl_module)
 
+    def write_all(self, pl_module: VAEModule) -> None:
+        """The complete curves and latest figures, also when `fit` had nothing left to run (a run
+        resumed at its last step): DVC removes a stage's outputs before running it."""
+        for kind, (path, columns) in self._files().items():
+            write_csv_atomic(getattr(pl_module, f"{kind}_rows"), path, columns)
+        self._write_latest(pl_module)
+
     def _write_latest(self, pl_module: VAEModule) -> None:
         latest: dict[str, Any] = {"step": int(pl_module.global_step)}
         for kind in ("train", "val"):
@@ -591,6 +598,7 @@ def train_experiment(
     checkpointing = StepCheckpoint(
         ckpt_dir / LAST_CHECKPOINT, train.ckpt_every_steps, train.val_every_steps if validates else None
     )
+    live = LiveCurves(metrics_dir)
     trainer = pl.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
@@ -611,7 +619,7 @@ def train_experiment(
         enable_model_summary=False,
         logger=False,
         enable_checkpointing=False,  # StepCheckpoint writes last.ckpt
-        callbacks=[checkpointing, LiveCurves(metrics_dir), *(extra_callbacks or [])],
+        callbacks=[checkpointing, live, *(extra_callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         default_root_dir=str(ckpt_dir),
@@ -642,7 +650,6 @@ def train_experiment(
         warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch")
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None)
     trainer.save_checkpoint(ckpt_dir / LAST_CHECKPOINT, weights_only=False)
-    if trainer.is_global_zero:  # the complete curves, also when fit had nothing left to run
-        write_csv_atomic(module.train_rows, metrics_dir / "train.csv", TRAIN_COLUMNS)
-        write_csv_atomic(module.val_rows, metrics_dir / "val.csv", VAL_COLUMNS)
+    if trainer.is_global_zero:
+        live.write_all(module)
     return module

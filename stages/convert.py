@@ -6,17 +6,13 @@ the folder appears only once every split is complete.
 
 import json
 
-from sdn.config import dataset_config, load_params, validate_params
+from sdn.config import dataset_config, load_params
 from sdn.data import convert_dataset, inspect_dataset
-from sdn.data.sources import validate_datasets
 from sdn.pipeline import DATA, lmdb_dir, raw_dir, run_stage
 
 
 def main(name: str) -> None:
-    params = load_params()
-    validate_params(params)  # every knob, before any work
-    validate_datasets(params)
-    cfg = dataset_config(params, name)
+    cfg = dataset_config(load_params(), name)  # checked whole by the source before any work
     convert_dataset(name, cfg, raw_dir(name).parent, lmdb_dir(name).parent)
     summary = inspect_dataset(name, DATA)
     print(json.dumps(summary["splits"]))

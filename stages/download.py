@@ -4,17 +4,13 @@ Writes data/raw/<dataset>/: a verified archive for cifar10, imagenet32, celebahq
 3dshapes (a partial download resumes), `.npy` arrays for photos32 and sprites.
 """
 
-from sdn.config import dataset_config, load_params, validate_params
+from sdn.config import dataset_config, load_params
 from sdn.data import download_dataset
-from sdn.data.sources import validate_datasets
 from sdn.pipeline import raw_dir, run_stage
 
 
 def main(name: str) -> None:
-    params = load_params()
-    validate_params(params)  # every knob, before any work
-    validate_datasets(params)
-    cfg = dataset_config(params, name)
+    cfg = dataset_config(load_params(), name)  # checked whole by the source before any work
     path = download_dataset(name, cfg, raw_dir(name).parent)
     print(f"[sdn] {name}: raw files in {path}")
 

@@ -217,6 +217,19 @@ def test_curves_are_on_disk_while_training_runs(tmp_path: Path) -> None:
         "step").to_dict()
 
 
+def test_a_finished_run_run_again_rewrites_every_curve_file(tmp_path: Path) -> None:
+    # `dvc repro` removes a stage's outputs before it runs; a run resumed at its last step trains
+    # nothing, and must still leave train.csv, val.csv and live.json behind
+    workdir = Workdir(tmp_path)
+    cfg = tiny_cfg(max_steps=4, val_every_steps=2, ckpt_every_steps=2)
+    workdir.train(cfg)
+    before = {name: (workdir.metrics / name).read_bytes() for name in ("train.csv", "val.csv", "live.json")}
+    for name in before:
+        (workdir.metrics / name).unlink()
+    workdir.train(cfg)
+    assert {name: (workdir.metrics / name).read_bytes() for name in before} == before
+
+
 def test_resumed_curves_repeat_and_miss_no_step(tmp_path: Path) -> None:
     # checkpoint every 2 steps; a crash at step 6 loses step 5's row, logged after the last checkpoint
     cfg = tiny_cfg(max_steps=8, val_every_steps=3, ckpt_every_steps=2)

@@ -239,7 +239,8 @@ def cpu_trainer(steps: int, **kwargs) -> pl.Trainer:
 def beta_vae_experiment():
     params = copy.deepcopy(PARAMS)
     experiment = params["experiments"]["sprites-sdn"]
-    experiment["model"] = {**experiment["model"], "z_size": 2, "sdn_nfeat_0": 4}
+    # the release's β-VAE observation model (the offline sprites default models with DML)
+    experiment["model"] = {**experiment["model"], "z_size": 2, "sdn_nfeat_0": 4, "obs_model": "DL"}
     experiment["train"] = {**experiment["train"], "batch_size": 2, "lr": 0.01}
     return experiment_config(params, "sprites-sdn")
 

@@ -43,6 +43,10 @@ DISENTANGLEMENT_SCORES = (
 CHANGED = "photos32-cnn"  # the experiment whose learning rate the change tests edit (its stages are quick)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+# `make test` runs these under make: --no-print-directory keeps the nested make from adding
+# "Entering/Leaving directory" lines to the output the tests read.
+MAKE = ("make", "--no-print-directory")
+
 
 class ProjectAt(Project):
     """An existing project directory (a copy or a git clone of a built one), driven like a Project:
@@ -171,7 +175,7 @@ def changed(built: Build, tmp_path_factory: pytest.TempPathFactory) -> Change:
 
 
 def test_make_help_lists_the_targets() -> None:
-    result = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True, check=True)
+    result = subprocess.run([*MAKE, "help"], cwd=REPO, capture_output=True, text=True, check=True)
     targets = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
     assert {"all", "install", "test", "test-slow", "metrics", "diff", "plots", "<dataset>"} <= targets
     for dataset in ("cifar10", "imagenet32", "celebahq256", "3dshapes", *DEFAULT_DATASETS):
@@ -179,7 +183,7 @@ def test_make_help_lists_the_targets() -> None:
 
 
 def test_make_dataset_dry_run_reproduces_that_datasets_stages() -> None:
-    result = subprocess.run(["make", "-n", "cifar10"], cwd=REPO, capture_output=True, text=True, check=True)
+    result = subprocess.run([*MAKE, "-n", "cifar10"], cwd=REPO, capture_output=True, text=True, check=True)
     repros = [line.split() for line in result.stdout.splitlines() if "dvc repro" in line]
     assert repros, result.stdout
     stages = {word for words in repros for word in words if "@" in word}
@@ -195,7 +199,7 @@ def test_make_dataset_dry_run_reproduces_that_datasets_stages() -> None:
 
 def test_make_refreshes_the_readme_after_the_pipeline() -> None:
     # `make` rewrites metrics/summary.md; the README's copy of it must follow, or `make test` fails
-    result = subprocess.run(["make", "-n", "all"], cwd=REPO, capture_output=True, text=True, check=True)
+    result = subprocess.run([*MAKE, "-n", "all"], cwd=REPO, capture_output=True, text=True, check=True)
     commands = [line for line in result.stdout.splitlines() if "dvc repro" in line or " -m sdn " in line]
     kinds = [("dvc repro" in line, "sdn readme" in line, "sdn plots" in line) for line in commands]
     assert kinds == [(True, False, False), (False, True, False), (False, False, True)]

@@ -41,6 +41,10 @@ SDN = dict(z_size=2, h_size=4, depth=2, ds_list=[1], downsample_first=False, sdn
            prior_model="IsoGaussian", obs_model="DL", mix_components=1, nbits=8, free_bits=0.0)
 IMAGE_SIZE = 32  # the release's CIFAR10
 
+# `make test` runs these under make: --no-print-directory keeps the nested make from adding
+# "Entering/Leaving directory" lines to the output the tests read.
+MAKE = ("make", "--no-print-directory")
+
 
 # ---------------------------------------------------------------------------------------------
 # Writing pickles as Lightning 0.9 under Python 3.8 / torch 1.6-1.7 wrote them
@@ -624,10 +628,10 @@ def test_stage_without_the_file_ends_with_one_error_line_naming_path_and_link(tm
 
 
 def test_make_target_imports_then_evaluates_and_samples():
-    result = subprocess.run(["make", "-n", "celebahq256-release"], cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run([*MAKE, "-n", "celebahq256-release"], cwd=ROOT, capture_output=True, text=True,
                             check=True)
     commands = [line for line in result.stdout.splitlines() if "release.py" in line or "dvc repro" in line]
     assert "stages/release.py celebahq256-release" in commands[0], result.stdout
     assert "evaluate@celebahq256-release" in commands[1] and "sample@celebahq256-release" in commands[1]
-    help_text = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run([*MAKE, "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "celebahq256-release" in help_text
