@@ -203,6 +203,20 @@ SEED = Range(0, 2**32 - 1)  # what numpy and Lightning's seeding accept
 # A knob that is not a number range but a choice among values (checked by `_choice`).
 CHOICE = None
 
+# The knobs both VAEs share.
+MODEL_RANGES: dict[str, Range | None] = {
+    "image_size": AT_LEAST_1,
+    "channels": AT_LEAST_1,
+    "z_size": AT_LEAST_1,
+    "sdn_max_scale": NON_NEGATIVE,
+    "sdn_min_scale": NON_NEGATIVE,
+    "sdn_nfeat_0": NON_NEGATIVE,
+    "sdn_nfeat_diff": NON_NEGATIVE,
+    "sdn_num_dirs": Range(0, 4),
+    "mix_components": AT_LEAST_1,
+    "nbits": Range(1, 8),
+}
+
 # Every numeric field of every section. Adding a numeric field to a section dataclass needs an
 # entry here: tests/test_config.py fails for a numeric field without one.
 RANGES: dict[type, dict[str, Range | None]] = {
@@ -252,32 +266,14 @@ RANGES: dict[type, dict[str, Range | None]] = {
         "nearest_k": AT_LEAST_1,
     },
     DensityConfig: {
-        "image_size": AT_LEAST_1,
-        "channels": AT_LEAST_1,
-        "z_size": AT_LEAST_1,
+        **MODEL_RANGES,
         "h_size": AT_LEAST_1,
         "depth": AT_LEAST_1,
         "ds_list": NON_NEGATIVE,
-        "sdn_max_scale": NON_NEGATIVE,
-        "sdn_min_scale": NON_NEGATIVE,
-        "sdn_nfeat_0": NON_NEGATIVE,
-        "sdn_nfeat_diff": NON_NEGATIVE,
-        "sdn_num_dirs": Range(0, 4),
-        "mix_components": AT_LEAST_1,
-        "nbits": Range(1, 8),
         "free_bits": NON_NEGATIVE,
     },
     DisentanglementConfig: {
-        "image_size": AT_LEAST_1,
-        "channels": AT_LEAST_1,
-        "z_size": AT_LEAST_1,
-        "sdn_max_scale": NON_NEGATIVE,
-        "sdn_min_scale": NON_NEGATIVE,
-        "sdn_nfeat_0": NON_NEGATIVE,
-        "sdn_nfeat_diff": NON_NEGATIVE,
-        "sdn_num_dirs": Range(0, 4),
-        "mix_components": AT_LEAST_1,
-        "nbits": Range(1, 8),
+        **MODEL_RANGES,
         "beta_final": NON_NEGATIVE,
         "beta_rate": Range(0, 1, low_open=True),
     },
