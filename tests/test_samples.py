@@ -40,17 +40,51 @@ def sample(work: EvaluationWorkdir, **sample_section) -> list[Path]:
     return sample_experiment(cfg, work.lmdb, work.ckpt, work.metrics / "samples")
 
 
-def test_grids_are_torchvisions(work: EvaluationWorkdir) -> None:
+def test_grids_are_torchvisions_enlarged_under_a_title(work: EvaluationWorkdir) -> None:
     written = sample(work)
     out = work.metrics / "samples"
     assert sorted(path.name for path in written) == sorted(path.name for path in out.iterdir()) == [
         "interpolation_l1.png", "nearest_train.png", "neighbourhood.png", "samples_t1.png",
     ]
-    grid = np.asarray(Image.open(out / "samples_t1.png"))
-    # 2x2 samples of 8x8 pixels with a 2-pixel white border around and between them
-    assert grid.shape == (2 * (IMAGE_SIZE + 2) + 2, 2 * (IMAGE_SIZE + 2) + 2, 3)
-    assert (grid[:2] == 255).all() and (grid[:, IMAGE_SIZE + 2 : IMAGE_SIZE + 4] == 255).all()
+    grid = np.asarray(Image.open(out / "samples_t1.png").convert("RGB"))
+    scale = pictures.upscale_factor(IMAGE_SIZE)
+    assert scale * IMAGE_SIZE >= pictures.MIN_SHOWN_SIZE and scale >= 3
+    # 2x2 samples of 8x8 pixels with a 2-pixel white border around and between them, every pixel
+    # a scale x scale block, under a title band
+    side = (2 * (IMAGE_SIZE + 2) + 2) * scale
+    assert grid.shape == (pictures.TITLE_HEIGHT + side, side, 3)
+    body, band = grid[pictures.TITLE_HEIGHT :], grid[: pictures.TITLE_HEIGHT]
+    assert (band < 128).any(), "the title is drawn in the band above the grid"
+    small = body[::scale, ::scale]
+    assert np.array_equal(np.repeat(np.repeat(small, scale, 0), scale, 1), body), "nearest neighbour only"
+    assert (small[:2] == 255).all() and (small[:, IMAGE_SIZE + 2 : IMAGE_SIZE + 4] == 255).all()
     assert leftovers(work.metrics) == []
+
+
+def test_titles_name_the_experiment_and_the_temperature(
+    work: EvaluationWorkdir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    titles = {}
+    original = pictures.save_grid
+
+    def record(images, path, nrow, title=None, scale=1):
+        titles[path.name] = title
+        original(images, path, nrow, title, scale)
+
+    monkeypatch.setattr(pictures, "save_grid", record)
+    sample(work, temperatures=[1.0, 0.8])
+    assert titles["samples_t1.png"] == f"{NAME} · samples, T = 1"
+    assert titles["samples_t0.8.png"] == f"{NAME} · samples, T = 0.8"
+    assert all(title.startswith(f"{NAME} · ") for title in titles.values())
+
+
+def test_a_title_that_does_not_fit_is_still_drawn_and_the_grid_is_unchanged(tmp_path: Path) -> None:
+    images = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    plain = pictures.grid_picture(images, nrow=2, scale=3)
+    titled = np.asarray(pictures.grid_picture(images, nrow=2, title="x" * 200, scale=3).convert("RGB"))
+    assert np.array_equal(titled[pictures.TITLE_HEIGHT :], np.asarray(plain.convert("RGB")))
+    with pytest.raises(ValueError, match="scale must be a positive integer"):
+        pictures.grid_picture(images, nrow=2, scale=0)
 
 
 def test_save_grid_matches_torchvision_and_leaves_no_temporary_file(tmp_path: Path) -> None:
@@ -109,8 +143,8 @@ KILL_AFTER_TWO_PICTURES = textwrap.dedent("""
     from sdn.evaluation import samples
     original, saved = samples.save_grid, []
 
-    def save_then_die(images, path, nrow):
-        original(images, path, nrow)
+    def save_then_die(images, path, *args):
+        original(images, path, *args)
         saved.append(path)
         if len(saved) == 2:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -1,26 +1,60 @@
 """Pictures of a trained model: sample grids, latent interpolation, neighbourhoods, nearest
 training images, reconstructions and latent traversals. Each returns image tensors in [0, 1]
-(N, C, H, W) on the model's device; `save_grid` writes them as one PNG grid atomically."""
+(N, C, H, W) on the model's device; `save_grid` writes them as one titled, enlarged PNG grid atomically."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
-from torchvision.utils import save_image
+from torchvision.utils import make_grid
+
+# Pictures are enlarged so that each image is at least this many pixels on a side (nearest
+# neighbour, an integer factor of at least 3): a 32x32 sample shown at its own size cannot be judged.
+MIN_SHOWN_SIZE = 96
+TITLE_HEIGHT = 30
 
 
-def save_grid(images: Tensor, path: Path, nrow: int) -> None:
-    """Write images in [0, 1] as one PNG grid, `nrow` per row on a white ground (torchvision's
-    `make_grid`/`save_image`), to a temporary file that is then renamed."""
+def upscale_factor(image_size: int) -> int:
+    """The integer nearest-neighbour factor for images `image_size` pixels high: at least 3, and
+    enough to show each image at `MIN_SHOWN_SIZE` pixels or more."""
+    return max(3, math.ceil(MIN_SHOWN_SIZE / image_size))
+
+
+def grid_picture(images: Tensor, nrow: int, title: str | None = None, scale: int = 1) -> Image.Image:
+    """Images in [0, 1] as one grid, `nrow` per row on a white ground (torchvision's `make_grid`,
+    2-pixel padding), enlarged `scale` times by nearest neighbour (every pixel becomes a
+    `scale` x `scale` block: nothing is smoothed), under a white band holding `title`."""
+    if scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
+    images = images.detach().float().clamp(0, 1).cpu()
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    # torchvision's save_image rounding: x * 255 + 0.5, clamped, truncated
+    array = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+    picture = Image.fromarray(array)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    if title is None:
+        return picture
+    canvas = Image.new("RGB", (picture.width, picture.height + TITLE_HEIGHT), "white")
+    canvas.paste(picture.convert("RGB"), (0, TITLE_HEIGHT))
+    font = ImageFont.load_default(size=18)
+    ImageDraw.Draw(canvas).text((6, TITLE_HEIGHT // 2), title, fill="black", font=font, anchor="lm")
+    return canvas
+
+
+def save_grid(images: Tensor, path: Path, nrow: int, title: str | None = None, scale: int = 1) -> None:
+    """Write images in [0, 1] as one PNG grid (`grid_picture`) to a temporary file that is then
+    renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        images = images.detach().float().clamp(0, 1).cpu()
-        save_image(images, tmp, nrow=nrow, padding=2, pad_value=1.0, format="png")
+        grid_picture(images, nrow, title, scale).save(tmp, format="png")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
