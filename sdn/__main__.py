@@ -41,18 +41,22 @@ def pipeline_command(action: str, names: list[str]) -> int:
         RegistryError,
         check_registry,
         enabled_runs,
+        rebuilt_by_make,
         resolve_runs,
         write_registry,
     )
 
     params = load_params()
-    if action in ("list", "sync", "reset") and names:
+    if action in ("list", "targets", "sync", "reset") and names:
         raise RegistryError(f"`pipeline {action}` takes no names.")
     if action in ("enable", "disable") and not names:
         raise RegistryError(f"`pipeline {action}` needs a dataset or experiment name, e.g. cifar10.")
     if action == "list":
         for name, dataset in check_registry(params).items():
             print(f"{name}\t{dataset}")
+        return 0
+    if action == "targets":
+        print(" ".join(rebuilt_by_make(params, check_registry(params))))
         return 0
     if action == "reset":
         runs = resolve_runs(params, {}, list(DEFAULT_RUNS), [])
@@ -80,9 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("readme", help="copy the table of metrics/summary.md into README.md")
     commands.add_parser("plots", help="draw metrics/comparison.png: SDN and CNN validation curves")
     pipeline = commands.add_parser(
-        "pipeline", help="the experiments dvc.yaml runs (pipeline.yaml): list, enable, disable, reset, sync"
+        "pipeline",
+        help="the experiments dvc.yaml runs (pipeline.yaml): list, targets (what `make` rebuilds), "
+        "enable, disable, reset, sync",
     )
-    pipeline.add_argument("action", choices=("list", "enable", "disable", "reset", "sync"))
+    pipeline.add_argument("action", choices=("list", "targets", "enable", "disable", "reset", "sync"))
     pipeline.add_argument("names", nargs="*", metavar="dataset|experiment")
     args = parser.parse_args(argv)
 

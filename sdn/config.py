@@ -154,6 +154,8 @@ class ExperimentConfig:
     baseline: str | None = None
     flip: bool = False  # random horizontal flips of training images, from datasets.<name>.flip
     release: ReleaseConfig | None = None  # weights imported from the authors' checkpoint, not trained
+    # enabled only by name (`make showcase`, `sdn pipeline enable <name>`), never with its dataset
+    opt_in: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +435,10 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     where = f"experiments.{name}"
     raw = experiments[name]
     _require(isinstance(raw, dict), where, "expected a mapping.")
-    allowed = {"dataset", "seed", "model", "trainer", "train", "evaluate", "sample", "reported", "baseline"}
+    allowed = {
+        "dataset", "seed", "model", "trainer", "train", "evaluate", "sample", "reported", "baseline",
+        "opt_in",
+    }
     allowed.add("release")
     for key in raw:
         if key not in allowed:
@@ -506,6 +511,8 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     if baseline is not None:
         _require(baseline in experiments, f"{where}.baseline", f"no experiment named {baseline!r}.")
     release = _release_config(raw.get("release"), kind, f"{where}.release")
+    opt_in = raw.get("opt_in", False)
+    _require(isinstance(opt_in, bool), f"{where}.opt_in", f"expected true or false, got {opt_in!r}.")
     return ExperimentConfig(
         name=name,
         dataset=dataset,
@@ -520,6 +527,7 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
         baseline=baseline,
         flip=flip,
         release=release,
+        opt_in=opt_in,
     )
 
 

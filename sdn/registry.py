@@ -78,9 +78,11 @@ def resolve_runs(
     def expand(names: list[str]) -> set[str]:
         chosen: set[str] = set()
         for name in names:
-            # a dataset enables the runs trained on it; an imported checkpoint is enabled by its own name
+            # a dataset enables the runs trained on it; an imported checkpoint or an opt-in run (the
+            # showcase) is enabled by its own name
             matches = {exp for exp, cfg in experiments.items()
-                       if exp == name or (cfg.get("dataset") == name and not cfg.get("release"))}
+                       if exp == name or (cfg.get("dataset") == name and not cfg.get("release")
+                                          and not cfg.get("opt_in"))}
             if not matches:
                 datasets = sorted({cfg.get("dataset") for cfg in experiments.values()})
                 raise RegistryError(f"{name}: neither an experiment nor a dataset of params.yaml "
@@ -94,6 +96,14 @@ def resolve_runs(
                             f"`python -m sdn pipeline disable {unknown[0]}`.")
     wanted = (set(current) | expand(enable)) - expand(disable)
     return {name: experiments[name]["dataset"] for name in experiments if name in wanted}
+
+
+def rebuilt_by_make(params: dict, runs: dict[str, str]) -> list[str]:
+    """The DVC targets `make` rebuilds: the evaluate and sample stages of the enabled runs, less
+    the opt-in ones (the showcase), which only their own target (`make showcase`) runs."""
+    experiments = params.get("experiments") or {}
+    return [f"{stage}@{name}" for name in runs if not experiments[name].get("opt_in")
+            for stage in ("evaluate", "sample")]
 
 
 def comparison_groups(params: dict, runs: dict[str, str]) -> list[list[str]]:
