@@ -26,6 +26,7 @@ from sdn.config import ExperimentConfig
 from sdn.evaluation import samples as pictures
 from sdn.evaluation.device import experiment_device, precision_context
 from sdn.evaluation.likelihood import evaluate_density
+from sdn.evaluation.spectrum import nyquist_share
 from sdn.training import LAST_CHECKPOINT, ShardSampler, _check_image_shape, _dataset, load_ema_model
 
 
@@ -87,6 +88,9 @@ def evaluate_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, o
     # wall time and device are printed, not stored: the metrics file must be identical across reruns
     print(f"[sdn] {cfg.name}: evaluated {metrics['num_images']} images x {ev.iw_samples} samples "
           f"on {device} ({precision}) in {time.perf_counter() - started:.1f} s")
+    if cfg.kind == "density":
+        with precision_context(precision, device):
+            metrics.update(dot_pattern(cfg, model, data, device))
     if cfg.kind == "disentanglement":
         started = time.perf_counter()
         metrics.update(disentanglement_scores(cfg, model, lmdb_dir, device))
@@ -94,6 +98,31 @@ def evaluate_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, o
     metrics = _rounded(metrics)
     write_json_atomic(metrics, out_dir / "eval.json")
     return metrics
+
+
+DOT_PATTERN_IMAGES = 256
+
+
+@torch.no_grad()
+def dot_pattern(cfg: ExperimentConfig, model, data, device: torch.device) -> dict[str, float]:
+    """The share of power at the 2-pixel period (`spectrum.nyquist_share`) of the pictures the
+    sample grids show (the observation mode at the first sampling temperature) and of validation
+    images, each averaged over `DOT_PATTERN_IMAGES` images with its standard error: samples far
+    above the data carry a dot pattern the data do not."""
+    n = min(DOT_PATTERN_IMAGES, len(data))
+    size = cfg.evaluate.batch_size
+    drawn = [
+        pictures.sample_grid(model, min(size, n - start), cfg.sample.temperatures[0]).float()
+        for start in range(0, n, size)
+    ]
+    samples = nyquist_share(torch.cat(drawn)).cpu()
+    real = nyquist_share(torch.stack([data[i][0] for i in range(n)]).float() / 255.0)
+    return {
+        "nyquist_share_samples": samples.mean().item(),
+        "nyquist_share_samples_se": (samples.std() / math.sqrt(n)).item(),
+        "nyquist_share_data": real.mean().item(),
+        "nyquist_share_data_se": (real.std() / math.sqrt(n)).item(),
+    }
 
 
 @torch.no_grad()
@@ -185,39 +214,61 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
             for pair in pairs
         ])
 
-    # (file name, images per row, how to draw it): drawn one by one under the progress bar
-    pictures_to_draw: list[tuple[str, int, Callable[[], torch.Tensor]]] = [
-        (f"samples_t{t:g}.png", n, lambda t=t: pictures.sample_grid(model, n * n, t)) for t in sc.temperatures
+    # (file name, images per row, title, how to draw it): drawn one by one under the progress bar
+    name = cfg.name
+    pictures_to_draw: list[tuple[str, int, str, Callable[[], torch.Tensor]]] = [
+        (
+            f"samples_t{t:g}.png", n, f"{name} · samples, T = {t:g}",
+            lambda t=t: pictures.sample_grid(model, n * n, t),
+        )
+        for t in sc.temperatures
     ]
     if cfg.kind == "density":
         pictures_to_draw += [
-            (f"interpolation_l{k}.png", sc.interpolation_steps + 2, lambda k=k: interpolation(k))
+            (
+                f"interpolation_l{k}.png", sc.interpolation_steps + 2,
+                f"{name} · interpolation, top {k + 1} layers", lambda k=k: interpolation(k),
+            )
             for k in sc.interpolation_layers
         ]
         pictures_to_draw += [
-            ("neighbourhood.png", n, lambda: pictures.neighbourhood(
-                model, x[:4], sc.neighbourhood_layers, n - 1, sc.neighbourhood_temperature
-            )),
-            ("nearest_train.png", sc.nearest_k + 1, lambda: _nearest(cfg, model, lmdb_dir)),
+            (
+                "neighbourhood.png", n,
+                f"{name} · top {sc.neighbourhood_layers} layers kept, T = {sc.neighbourhood_temperature:g}",
+                lambda: pictures.neighbourhood(
+                    model, x[:4], sc.neighbourhood_layers, n - 1, sc.neighbourhood_temperature
+                ),
+            ),
+            (
+                "nearest_train.png", sc.nearest_k + 1, f"{name} · sample, nearest training images",
+                lambda: _nearest(cfg, model, lmdb_dir),
+            ),
         ]
     else:
         pictures_to_draw += [
-            ("reconstructions.png", 2 * int(math.sqrt(n)), lambda: pictures.reconstructions(model, x[:n])),
-            ("traversals.png", 8, lambda: pictures.traversals(model, x[:1])),
+            (
+                "reconstructions.png", 2 * int(math.sqrt(n)), f"{name} · inputs and reconstructions",
+                lambda: pictures.reconstructions(model, x[:n]),
+            ),
+            (
+                "traversals.png", 8, f"{name} · latent traversals, -3 to 3",
+                lambda: pictures.traversals(model, x[:1]),
+            ),
         ]
+    scale = pictures.upscale_factor(cfg.model.image_size)
 
     built = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     try:
         progress = tqdm(pictures_to_draw, desc="sample", unit="picture", disable=not cfg.trainer.progress_bar)
-        for name, nrow, draw in progress:
+        for file_name, nrow, title, draw in progress:
             with precision_context(cfg.trainer.precision, device):
                 images = draw()
-            pictures.save_grid(images, built / name, nrow)
+            pictures.save_grid(images, built / file_name, nrow, title, scale)
         _swap_in(built, out_dir)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise
-    return [out_dir / name for name, _, _ in pictures_to_draw]
+    return [out_dir / file_name for file_name, *_ in pictures_to_draw]
 
 
 def _nearest(cfg: ExperimentConfig, model, lmdb_dir: Path) -> torch.Tensor:
