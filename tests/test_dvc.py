@@ -14,7 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import yaml
 
-from sdn.config import load_params
+from sdn.config import ConfigError, experiment_config, load_params
 from sdn.registry import (
     DEFAULT_RUNS,
     RegistryError,
@@ -164,6 +164,32 @@ def test_registry_names_bad_input(tmp_path: Path) -> None:
         with_blocks("stages: {}\n", generated_blocks({}, {}))
     with pytest.raises(RegistryError, match="not in params.yaml"):
         resolve_runs({"experiments": {}}, {"gone": "photos32"}, [], [])
+
+
+def test_opt_in_runs_join_by_name_only_and_plain_make_leaves_them_out(tmp_path: Path) -> None:
+    root = project_copy(tmp_path)
+    params = load_params(root / "params.yaml")
+    opt_in = [name for name, cfg in params["experiments"].items() if cfg.get("opt_in")]
+    assert opt_in == ["photos32-long-sdn", "photos32-long-cnn"]
+    sdn_pipeline(root, "reset")
+    sdn_pipeline(root, "enable", "photos32")  # the dataset enables its default runs only
+    assert not set(opt_in) & set(enabled_runs(root))
+    defaults = sdn_pipeline(root, "targets").stdout.split()
+    assert defaults == [f"{stage}@{name}" for name in DEFAULT_RUNS for stage in ("evaluate", "sample")]
+    sdn_pipeline(root, *["enable", *opt_in])
+    assert set(opt_in) <= set(enabled_runs(root))
+    assert sdn_pipeline(root, "targets").stdout.split() == defaults  # `make` still leaves them out
+    dvc = yaml.safe_load((root / "dvc.yaml").read_text())
+    assert "metrics/photos32-long-sdn/eval.json" in dvc["stages"]["summary"]["deps"]
+    assert "compare/photos32-long-sdn/neg_elbo_bpd" in [next(iter(plot)) for plot in dvc["plots"]]
+    assert "takes no names" in sdn_pipeline(root, "targets", "photos32", check=False).stderr
+
+
+def test_opt_in_must_be_a_boolean() -> None:
+    params = load_params(REPO / "params.yaml")
+    params["experiments"]["photos32-long-sdn"]["opt_in"] = "yes"
+    with pytest.raises(ConfigError, match=r"experiments\.photos32-long-sdn\.opt_in: expected true or false"):
+        experiment_config(params, "photos32-long-sdn")
 
 
 def test_enabled_paper_run_joins_the_dvc_stages(tmp_path: Path) -> None:
