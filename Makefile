@@ -62,9 +62,11 @@ test-slow: install ## Run only the slow tests
 lint: install ## Check code style with ruff
 	$(BIN)/ruff check sdn stages tests benchmarks
 
-bench: install ## Run the benchmarks (SDN layer against a per-line loop; LMDB loader)
+bench: install ## Run the benchmarks (SDN layer against a per-line loop; LMDB loader; SDN vs CNN step time)
 	$(BIN)/python benchmarks/sdn_layer.py
 	$(BIN)/python benchmarks/data_loader.py
+	$(BIN)/python benchmarks/step_time.py photos32-sdn
+	$(BIN)/python benchmarks/step_time.py sprites-sdn
 
 metrics: install ## Show the committed metrics as a markdown table
 	$(DVC) metrics show --md
