@@ -1,4 +1,4 @@
-"""SDN layers (SDN_SPEC.md section 1): drop-in replacements for a convolution.
+"""SDN layers (docs/maths.md#sdn-layer): drop-in replacements for a convolution.
 
 Example::
 
@@ -51,7 +51,7 @@ def _conv(
 
 
 class DirectionCycle:
-    """Hands out sweep directions cyclically while a model is built (SDN_SPEC.md section 1).
+    """Hands out sweep directions cyclically while a model is built (docs/maths.md#direction-cycle).
 
     >>> cycle = DirectionCycle()
     >>> cycle.take(3), cycle.take(2)

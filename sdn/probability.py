@@ -5,7 +5,7 @@ parameters arrive as channels of a (B, P, H, W) tensor. Latent log-densities are
 elementwise (same shape as the latent map) so that the caller can sum per image or per
 layer; observation log-likelihoods are returned per image, shape (B,).
 
-Latents (spec section 2):
+Latents (docs/maths.md#latents):
 
 * ``IsoGaussianPosterior`` / ``IsoGaussianPrior``: channels ``[mean (z), log-variance (z)]``.
 * ``IAFPosterior``: channels ``[mean (z), log-variance (z), context (c)]`` with
@@ -450,7 +450,7 @@ class Bernoulli(ObservationModel):
 
 
 # --------------------------------------------------------------------------------------------
-# Factories (names as in the spec's hyper-parameters)
+# Factories (names as in the release's hyper-parameters)
 # --------------------------------------------------------------------------------------------
 
 POSTERIORS = {"IAF": IAFPosterior, "IsoGaussian": IsoGaussianPosterior}

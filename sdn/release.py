@@ -1,7 +1,7 @@
 """The authors' checkpoints: a checkpoint of the original release, read safely, as a `DensityVAE`.
 
 The release trained with PyTorch Lightning 0.9, whose `ModelCheckpoint` files are pickles
-(SDN_SPEC.md section 5): `state_dict` holds the raw weights under the release's module names and
+(docs/modules.md#release-import): `state_dict` holds the raw weights under the release's module names and
 the EMA weights under `ema.shadow_params.<name with '.' replaced by '^'>`; `hyper_parameters`
 holds the training script's arguments. Among those, Lightning's own `--tpu_cores` (and `--gpus`
 when not given) default to the function `Trainer._gpus_arg_default`, which protocol-2 pickles

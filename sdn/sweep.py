@@ -1,4 +1,4 @@
-"""The SDN correction sweep (SDN_SPEC.md section 1, step 2) as a memory-lean autograd Function.
+"""The SDN correction sweep (docs/maths.md#sweep) as a memory-lean autograd Function.
 
 A sweep over a (B, F, H, W) map visits lines (columns or rows) in order; the first line is
 kept, every later line is updated by a GRU cell from its own state and three neighbours on

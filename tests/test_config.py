@@ -120,8 +120,8 @@ PAPER_MODELS = {
     "3dshapes-sdn": dict(z_size=10, sdn_nfeat_0=200, sdn_num_dirs=1, sdn_max_scale=32, sdn_min_scale=32,
                          obs_model="DL"),
 }
-# The release's final train_*.sh (SDN_SPEC.md section 4); the β-VAE ignores the script's
-# --lrate_decay and --amp, and has no EMA and no weight norm (section 3).
+# The release's final train_*.sh (docs/maths.md#paper-runs); the β-VAE ignores the script's
+# --lrate_decay and --amp, and has no EMA and no weight norm (docs/maths.md#beta-vae-regime).
 PAPER_TRAINING = {
     "cifar10-sdn": (1234, dict(batch_size=32, lr=0.002, lrate_decay=0.999, ema_coef=0.999, weight_norm=True)),
     "imagenet32-sdn": (13, dict(batch_size=32, lr=0.002, lrate_decay=1.0, ema_coef=0.9995, weight_norm=True)),

@@ -4,7 +4,7 @@ counts of every paper preset derived from the release's module structure, weight
 latent interpolation, and what a mixed-precision overflow does to training.
 
 Every expected value here is computed from the release's equations and structure as written in
-SDN_SPEC.md and the release's code, never from this project's modules.
+the paper and the release's code (summarised in docs/maths.md), never from this project's modules.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def test_preset_parameter_counts_are_the_releases(name):
 
 
 def test_cifar10_counts_are_the_ones_the_release_prints():
-    # SDN_SPEC.md section 4: the release's count_pars, after and before weight norm
+    # docs/maths.md#paper-runs: the release's count_pars, after and before weight norm
     sdn, cnn = (experiment_config(PARAMS, f"cifar10-{kind}").model for kind in ("sdn", "cnn"))
     assert (release_density_count(sdn), release_density_count(cnn)) == (121_486_444, 42_325_860)
     assert (release_density_count(sdn, wn=False), release_density_count(cnn, wn=False)) == (

@@ -1,4 +1,4 @@
-"""SDN layers against an independent oracle written from SDN_SPEC.md section 1."""
+"""SDN layers against an independent oracle written from the definition (docs/maths.md#sdn-layer)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sdn import ResSDNLayer, SDNLayer
 from sdn.layers import DirectionCycle
 from sdn.sweep import CorrectionSweep, sweep
 
-# The spec's table: (dh, dw) offsets of a position's three neighbours, in order.
+# The table of docs/maths.md#directions: (dh, dw) offsets of a position's three neighbours, in order.
 NEIGHBOURS = {
     0: ((-1, -1), (0, -1), (1, -1)),
     1: ((-1, 1), (0, 1), (1, 1)),

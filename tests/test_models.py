@@ -1,4 +1,4 @@
-"""SDN-VAE and SDN β-VAE (SDN_SPEC.md sections 2-4): structure against the spec, the objective,
+"""SDN-VAE and SDN β-VAE (docs/maths.md sections 2, 4, 7): structure against them, the objective,
 sampling, overfitting one batch, EMA through a real Lightning Trainer, and `python -m sdn info`."""
 
 import copy
@@ -118,7 +118,7 @@ def snapshot(module: nn.Module) -> list[Tensor]:
 
 
 def spec_plan(cfg: DensityConfig) -> tuple[list[dict], list[int] | None]:
-    """SDN_SPEC.md section 2, per ladder layer: scale, downsampling, SDN use, F, directions;
+    """docs/maths.md#ladder-plan, per ladder layer: scale, downsampling, SDN use, F, directions;
     and the last layer's directions. Scales are the real map sizes (28x28 maps are padded to 32)."""
     counter = 0
 
@@ -821,7 +821,7 @@ def test_info_cifar10_builds_the_paper_network():
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert isinstance(result["parameters"], int)
-    # SDN_SPEC.md section 4: depth 15, ds_list 5 10, F 360 / diff 128, 2 directions, 32x32
+    # docs/maths.md#paper-runs: depth 15, ds_list 5 10, F 360 / diff 128, 2 directions, 32x32
     ladder = result["ladder"]
     assert [layer["scale"] for layer in ladder] == [32] * 6 + [16] * 5 + [8] * 4
     assert [layer["downsample"] for layer in ladder] == [i in (5, 10) for i in range(15)]
@@ -830,4 +830,4 @@ def test_info_cifar10_builds_the_paper_network():
     assert all(layer["directions"] == [[0, 1], [2, 3]] for layer in ladder)
     assert result["last_layer"] == {"sdn": True, "sdn_features": 360, "directions": [0, 1, 2, 3]}
     cfg = experiment_config(PARAMS, "cifar10-sdn")
-    assert result["parameters"] == density_count(cfg.model) == 121_486_444  # SDN_SPEC.md section 4
+    assert result["parameters"] == density_count(cfg.model) == 121_486_444  # docs/maths.md#paper-runs

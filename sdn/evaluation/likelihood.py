@@ -5,7 +5,7 @@ The model is seen only through ``elbo_fn(x)``: a single-sample ELBO per image (n
 either a tensor of shape (B,) or a dict ``{"elbo": (B,), "kl": (B,)}``; with the dict, the
 KL term is reported as well.
 
-Importance-weighted NLL with K samples (Burda et al., 2016; SDN_SPEC §2):
+Importance-weighted NLL with K samples (Burda et al., 2016; docs/maths.md#iw-nll):
 ``log p(x) ≈ logsumexp_k ELBO_k − log K``, a lower bound on ``log p(x)`` that tightens as K
 grows and equals the ELBO at K = 1.
 

@@ -213,7 +213,7 @@ class DensityVAE(nn.Module):
         }
 
     def _free_bits(self, kl: Tensor) -> Tensor:
-        # As released: per layer, lifts the batch-mean KL towards `free_bits` (spec section 2).
+        # As released: per layer, lifts the batch-mean KL towards `free_bits` (docs/maths.md#free-bits).
         mean = kl.mean()
         return kl + (torch.clamp(mean, min=self.cfg.free_bits) - mean) / kl.shape[0]
 
