@@ -113,8 +113,8 @@ def test_a_small_vae_beats_every_pixel_independent_model_on_held_out_images():
         torch.set_num_threads(threads)
     baseline = pixel_independent_bits_per_dim(train, held_out)
     floor = toy_entropy_bits_per_dim()
-    # measured: −ELBO ≈ 0.19 against a baseline of 0.265 bits/dim, KL ≈ 0.055 bits/dim
-    # (≈ 10 bits an image; the images hold 8.7)
+    # measured (800 steps, 26 s of one core): −ELBO 0.187 against a baseline of 0.265 bits/dim
+    # (ratio 0.70), KL 0.051 bits/dim = 9.8 bits an image (the images hold 8.7), floor 0.046
     assert neg_elbo < 0.85 * baseline, (neg_elbo, baseline)
     assert neg_elbo > floor  # a bound on held-out images cannot beat their entropy
     assert kl * DIMS > 4.0, kl  # bits an image: the latents carry position, shape and colour
