@@ -24,6 +24,7 @@ from sdn.config import (
 )
 from sdn.data.sources import SOURCES, validate_datasets
 from sdn.models.configs import DensityConfig, DisentanglementConfig
+from sdn.training import VAEModule, config_fingerprint
 
 PARAMS = load_params()
 DENSITY = "photos32-sdn"
@@ -82,8 +83,12 @@ def test_experiment_trainer_overrides_single_keys():
 
 
 def test_int_given_for_float_is_converted():
-    cfg = experiment_config(edited(experiment_path(DENSITY, "train", "lr"), 1), DENSITY)
-    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    # `lr: 1` and `lr: 1.0` are one configuration: the same checkpoint fingerprint, a float optimiser rate
+    as_int = experiment_config(edited(experiment_path(DENSITY, "train", "lr"), 1), DENSITY)
+    as_float = experiment_config(edited(experiment_path(DENSITY, "train", "lr"), 1.0), DENSITY)
+    assert config_fingerprint(as_int) == config_fingerprint(as_float)
+    assert config_fingerprint(as_int) != config_fingerprint(experiment_config(PARAMS, DENSITY))
+    assert isinstance(as_int.train.lr, float)
 
 
 @pytest.mark.parametrize("name", DEFAULT_EXPERIMENTS)
@@ -163,7 +168,9 @@ def test_training_flips_as_released():
 
 def test_ema_coef_null_means_no_ema():
     cfg = experiment_config(edited(experiment_path(DENSITY, "train", "ema_coef"), None), DENSITY)
-    assert cfg.train.ema_coef is None
+    module = VAEModule(cfg)
+    assert module.ema is None and module.eval_model is module.model  # evaluation uses the raw weights
+    assert VAEModule(experiment_config(PARAMS, DENSITY)).ema is not None
 
 
 @pytest.mark.parametrize("name", [name.removesuffix("-sdn") for name in PAPER_MODELS])
@@ -354,11 +361,16 @@ def test_downsample_first_needs_an_even_image():
 
 
 def test_28x28_images_are_padded_before_downsampling():
-    # 28 + 2*2 = 32 -> 16 -> 8 -> 4: never odd (28 -> 14 -> 7 would be)
+    # 28 + 2*2 = 32 -> 16 -> 8 -> 4: never odd (28 -> 14 -> 7 would be), so the config is accepted
     params = edited(("datasets", "photos32", "image_size"), 28)
     params["experiments"][DENSITY]["model"]["downsample_first"] = False
     params["experiments"][DENSITY]["model"]["ds_list"] = [0, 1, 2]
-    assert experiment_config(params, DENSITY).model.image_size == 28
+    model = build_model(experiment_config(params, DENSITY))
+    assert [layer["scale"] for layer in model.describe()["ladder"]] == [32, 16, 8, 4]
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.isfinite(model(model.obs.preprocess(images))["elbo"]).all()
 
 
 def test_beta_vae_needs_64x64_images():
@@ -366,9 +378,15 @@ def test_beta_vae_needs_64x64_images():
     assert_names(message, f"experiments.{BETA_VAE}.model.image_size", "64x64")
 
 
-def test_cnn_baseline_needs_no_sdn_features():
-    cfg = experiment_config(PARAMS, "photos32-cnn")
-    assert (cfg.model.sdn_max_scale, cfg.model.sdn_nfeat_0, cfg.model.sdn_num_dirs) == (0, 0, 0)
+@pytest.mark.parametrize("name", ["photos32-cnn", "sprites-cnn"])
+def test_cnn_baseline_needs_no_sdn_features(name):
+    # sdn_nfeat_0 0 and sdn_num_dirs 0 are refused for an SDN run, accepted when no scale uses SDN
+    described = build_model(experiment_config(PARAMS, name)).describe()
+    layers = described.get("ladder", []) + [described.get("last_layer", {"sdn": False})]
+    layers += described.get("decoder_stages", [])
+    assert layers and not any(layer["sdn"] for layer in layers)
+    sdn_run = edited(experiment_path(name, "model", "sdn_max_scale"), 64)
+    assert_names(config_error(sdn_run, name), f"experiments.{name}.model.sdn_nfeat_0", "at least 1 feature")
 
 
 def test_unknown_baseline():

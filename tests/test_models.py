@@ -1,5 +1,6 @@
-"""SDN-VAE and SDN β-VAE (docs/maths.md sections 2, 4, 7): structure against them, the objective,
-sampling, overfitting one batch, EMA through a real Lightning Trainer, and `python -m sdn info`."""
+"""SDN-VAE and SDN β-VAE (docs/maths.md sections 2, 4, 7): structure against pinned plans and parameter
+counts, the objective, sampling, overfitting one batch, EMA through a real Lightning Trainer, and
+`python -m sdn info`."""
 
 import copy
 import json
@@ -114,101 +115,136 @@ def snapshot(module: nn.Module) -> list[Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The spec, written out independently: layer plan and parameter count
+# Pinned facts: layer plans and parameter counts, worked out by hand from the release's structure (docs/maths.md sections 2, 7)
+# (the release's structure). A ladder row is (scale, downsamples, SDN features or None,
+# [directions of down_a, directions of down_b] or None), bottom layer first; scales are map sizes
+# (28x28 images are padded to 32). Counts include weight norm's gains (one per conv output
+# channel), as the release's `count_pars` reports them after its weight norm.
+
+D2 = [[0, 1], [2, 3]]  # two directions per sweep set: the cycle repeats every layer
+
+# name: (ladder rows, last layer's directions or None, parameters)
+FAMILY_PLANS = {
+    # 8x8, ds at 1: F stays 6 until the downsampling SDN layer lifts it to the floor of 50
+    "iaf-dml-sdn": ([(8, False, 6, D2), (8, True, 6, D2), (4, False, 50, D2)], [0, 1, 2, 3], 511_364),
+    "iaf-dml-cnn": ([(8, False, None, None), (8, True, None, None), (4, False, None, None)], None, 355_120),
+    "isogaussian-dl-sdn": (
+        [(8, False, 6, [[0], [1]]), (8, True, 6, [[2], [3]]), (4, False, 50, [[0], [1]])],
+        [2, 3, 0, 1], 96_339,
+    ),
+    "isogaussian-dl-cnn": (
+        [(8, False, None, None), (8, True, None, None), (4, False, None, None)], None, 16_439,
+    ),
+    # 28 padded to 32, ds at 0 and 1: only the 8x8 layer is inside sdn_max_scale 8
+    "bernoulli-28x28-padded": (
+        [(32, True, None, None), (16, True, None, None), (8, False, 6, [[0], [1]])], None, 20_382,
+    ),
+    "downsample-first": ([(4, False, 6, [[0], [1]]), (4, True, 6, [[2], [3]])], [0, 1, 2, 3], 252_552),
+    "downsample-first-cnn": ([(4, False, None, None), (4, True, None, None)], None, 12_047),
+    # 16 (conv, downsamples) -> 8 (SDN, F 54) -> 4 (SDN, F 51) -> 2 (SDN, F max(50, 48) = 50)
+    "feature-reduction": (
+        [(16, True, None, None), (8, True, 54, [[0], [1]]), (4, True, 51, [[2], [3]]),
+         (2, False, 50, [[0], [1]])],
+        None, 263_660,
+    ),
+}
+
+# name: ([(SDN features, directions) or None per decoder stage at 8, 16, 32, 64], parameters)
+BETA_VAE_PLANS = {
+    "sdn-at-8": ([(4, [0]), None, None, None], 442_477),
+    "sdn-at-16": ([None, (4, [0]), None, None], 475_117),
+    "sdn-at-32": ([None, None, (4, [0]), None], 489_453),
+    "sdn-at-64": ([None, None, None, (4, [0])], 504_185),
+    "sdn-everywhere": ([(4, [0, 1]), (4, [2, 3]), (4, [0, 1]), (4, [2, 3])], 401_785),
+    "conv-only": ([None, None, None, None], 503_437),
+    "conv-only-dml": ([None, None, None, None], 512_174),
+}
+
+# The density runs of params.yaml: per ladder layer its scale, which layers downsample, and for the
+# SDN run its features and directions; the CNN baseline has the same scales and no SDN anywhere.
+PAPER_LADDERS = {
+    # 32x32, ds 5 10; F 360 -> 232 -> 104 (diff 128) after each downsampling SDN layer
+    "cifar10": dict(
+        scales=[32] * 6 + [16] * 5 + [8] * 4, downsample=[5, 10],
+        features=[360] * 6 + [232] * 5 + [104] * 4, directions=[D2] * 15, last=[0, 1, 2, 3],
+    ),
+    # 32x32, ds 3 7 11, F 424 throughout (diff 0); three directions per set cycle over two layers
+    "imagenet32": dict(
+        scales=[32] * 4 + [16] * 4 + [8] * 4 + [4] * 4, downsample=[3, 7, 11], features=[424] * 16,
+        directions=[[[0, 1, 2], [3, 0, 1]], [[2, 3, 0], [1, 2, 3]]] * 8, last=[0, 1, 2, 3],
+    ),
+    # 256x256, ds 4 7 9 11 13 15; SDN only at scale <= 64, so the last layer (256) is a conv
+    "celebahq256": dict(
+        scales=[256] * 5 + [128] * 3 + [64] * 2 + [32] * 2 + [16] * 2 + [8] * 2 + [4],
+        downsample=[4, 7, 9, 11, 13, 15],
+        features=[None] * 8 + [400] * 2 + [320] * 2 + [240] * 2 + [160] * 2 + [80],
+        directions=[None] * 8 + [D2] * 9, last=None,
+    ),
+    # 32x32 halved by the first layer; sdn_max_scale 16 < 32, so the last layer is a conv
+    "photos32": dict(
+        scales=[16, 16, 8, 4], downsample=[1, 2], features=[50] * 4, directions=[D2] * 4, last=None,
+    ),
+}
+
+# Every experiment: (parameters as built, as trained = what `python -m sdn info` reports). Weight
+# norm adds one gain per conv output channel to the density models; the β-VAEs train without it.
+# CIFAR-10 is the paper run's figure (docs/maths.md#paper-runs); the others follow the same arithmetic.
+PAPER_PARAMETERS = {
+    "photos32-sdn": (1_014_834, 1_017_076),
+    "photos32-cnn": (935_234, 936_780),
+    "sprites-sdn": (547_678, 547_678),
+    "sprites-cnn": (534_142, 534_142),
+    "cifar10-sdn": (121_432_302, 121_486_444),
+    "cifar10-cnn": (42_301_130, 42_325_860),
+    "imagenet32-sdn": (299_142_044, 299_205_560),
+    "imagenet32-cnn": (46_073_612, 46_100_024),
+    "celebahq256-sdn": (100_091_380, 100_137_640),
+    "celebahq256-cnn": (53_005_476, 53_033_992),
+    "celebahq256-release": (100_091_380, 100_137_640),
+    # 3dshapes-cnn by hand: encoder convs 1,568 + 16,416 + 32,832 + 65,600, Linear(1024, 20) 20,500;
+    # decoder Linear 2,816 + 263,168, transposed convs 65,600 + 32,800 + 16,416 + 1,539 (DL: 3 out),
+    # and the DL's one log-scale: 519,256. The SDN run swaps the 32x32 stage's 16,416 for
+    # ConvT(32, 200, 4) 102,600 + GRUCell(600, 200) 481,200 + Conv(200, 32, 1) 6,432.
+    "3dshapes-sdn": (1_093_072, 1_093_072),
+    "3dshapes-cnn": (519_256, 519_256),
+}
+
+# docs/maths.md#paper-runs, CIFAR-10 SDN, per part (h 200, z 4, IAF context 100, so q 108 and p 8).
+# Layer 0 by hand: up_a Conv(200, 308, 3) 555,016; up_b Conv(200, 400, 3) 720,800; IAF 3,800 +
+# 90,200 + 7,216; down_a = SDN(200 -> 632, F 360: in 648,720, 2 x GRUCell(1080, 360) 3,114,720,
+# out 228,784) + Conv(200, 316, 3) 569,432; down_b likewise from 204 channels to 400: 4,801,200.
+CIFAR10_SDN_PARTS = dict(
+    first_layer=5_800,  # Conv(3, 200, 3) with gains
+    top=200,
+    ladder=[10_739_888] * 5 + [12_256_368] + [6_450_352] * 4 + [7_784_048] + [3_733_680] * 4,
+    # ResSDN(200 -> 50 DML outputs, F 360, 4 directions) + Conv(200, 50, 3)
+    last_layer=7_004_460,
+)
 
 
-def spec_plan(cfg: DensityConfig) -> tuple[list[dict], list[int] | None]:
-    """docs/maths.md#ladder-plan, per ladder layer: scale, downsampling, SDN use, F, directions;
-    and the last layer's directions. Scales are the real map sizes (28x28 maps are padded to 32)."""
-    counter = 0
-
-    def take(n: int) -> list[int]:
-        nonlocal counter
-        dirs = [(counter + i) % 4 for i in range(n)]
-        counter = (counter + n) % 4
-        return dirs
-
-    padding = 4 if cfg.image_size == 28 else 0
-    scale = (cfg.image_size // 2 if cfg.downsample_first else cfg.image_size) + padding
-    features = cfg.sdn_nfeat_0
-    layers = []
-    for i in range(cfg.depth):
-        downsample = i in cfg.ds_list and scale > 1
-        sdn = cfg.sdn_min_scale <= scale <= cfg.sdn_max_scale
-        layers.append({
-            "index": i, "scale": scale, "downsample": downsample, "sdn": sdn,
-            "sdn_features": features if sdn else None,
-            "directions": [take(cfg.sdn_num_dirs), take(cfg.sdn_num_dirs)] if sdn else None,
-        })
-        if downsample:
-            scale = max(1, scale // 2)
-            if sdn:
-                features = max(50, features - cfg.sdn_nfeat_diff)
-    last = take(4) if cfg.sdn_max_scale >= cfg.image_size else None
-    return layers, last
+def ladder_rows(described: dict) -> list[tuple]:
+    """`describe()`'s ladder as table rows; also checks the fields the rows leave out agree."""
+    rows = []
+    for index, layer in enumerate(described["ladder"]):
+        assert layer["index"] == index and layer["sdn"] == (layer["sdn_features"] is not None)
+        rows.append((layer["scale"], layer["downsample"], layer["sdn_features"], layer["directions"]))
+    return rows
 
 
-def conv_count(cin: int, cout: int, k: int, transposed: bool = False, wn: bool = True) -> int:
-    """Weight, bias and the weight-norm gains (one per output channel, transposed or not)."""
-    return cin * cout * k * k + cout + (cout if wn else 0)
+def paper_rows(run: str, sdn: bool) -> list[tuple]:
+    table = PAPER_LADDERS[run]
+    depth = len(table["scales"])
+    return [
+        (table["scales"][i], i in table["downsample"], table["features"][i] if sdn else None,
+         table["directions"][i] if sdn else None)
+        for i in range(depth)
+    ]
 
 
-def sdn_count(
-    cin: int, cout: int, features: int, dirs: int, k: int, transposed: bool = False, wn: bool = True
-) -> int:
-    gru = 3 * features * 3 * features + 3 * features * features + 6 * features  # GRUCell(3F, F)
-    return conv_count(cin, features, k, transposed, wn) + dirs * gru + conv_count(features, cout, 1, wn=wn)
-
-
-def res_sdn_count(cin: int, cout: int, features: int, dirs: int, k: int, transposed: bool = False) -> int:
-    return sdn_count(cin, 2 * cout, features, dirs, k, transposed) + conv_count(cin, cout, k, transposed)
-
-
-def observation_sizes(obs_model: str, channels: int, mix: int) -> tuple[int, int]:
-    """(decoder output channels, learned parameters of the observation model)."""
-    if obs_model == "DML":
-        return mix + (3 if channels == 3 else 2) * channels * mix, 0
-    return channels, int(obs_model == "DL")  # DL learns one global log-scale
-
-
-def density_count(cfg: DensityConfig) -> int:
-    h, z, c = cfg.h_size, cfg.z_size, cfg.channels
-    context = max(100 // z, 1) * z
-    q_size = 2 * z + (context if cfg.post_model == "IAF" else 0)
-    iaf = conv_count(z, context, 3) + conv_count(context, context, 3) + conv_count(context, 2 * z, 3)
-    out_channels, obs_learned = observation_sizes(cfg.obs_model, c, cfg.mix_components)
-    k_first = 4 if cfg.downsample_first else 3
-    total = conv_count(c, h, k_first) + h + obs_learned
-    layers, last = spec_plan(cfg)
-    for layer in layers:
-        k = 4 if layer["downsample"] else 3
-        total += conv_count(h, h + q_size, k) + conv_count(h, 2 * h, 3)
-        total += iaf if cfg.post_model == "IAF" else 0
-        if layer["sdn"]:
-            f, n = layer["sdn_features"], cfg.sdn_num_dirs
-            total += res_sdn_count(h, h + q_size + 2 * z, f, n, 3)
-            total += res_sdn_count(h + z, 2 * h, f, n, k, transposed=layer["downsample"])
-        else:
-            total += conv_count(h, h + q_size + 2 * z, 3) + conv_count(h + z, 2 * h, k, layer["downsample"])
-    if last is not None:
-        total += res_sdn_count(h, out_channels, cfg.sdn_nfeat_0, 4, k_first, cfg.downsample_first)
-    else:
-        total += conv_count(h, out_channels, k_first, cfg.downsample_first)
-    return total
-
-
-def beta_vae_count(cfg: DisentanglementConfig, wn: bool = True) -> int:
-    z = cfg.z_size
-    out_channels, obs_learned = observation_sizes(cfg.obs_model, cfg.channels, cfg.mix_components)
-    encoder = (conv_count(cfg.channels, 32, 4, wn=wn) + conv_count(32, 32, 4, wn=wn)
-               + conv_count(32, 64, 4, wn=wn) + conv_count(64, 64, 4, wn=wn) + 1024 * 2 * z + 2 * z)
-    decoder = z * 256 + 256 + 256 * 1024 + 1024
-    for cin, cout, scale in ((64, 64, 8), (64, 32, 16), (32, 32, 32), (32, out_channels, 64)):
-        if cfg.sdn_min_scale <= scale <= cfg.sdn_max_scale:
-            decoder += sdn_count(cin, cout, cfg.sdn_nfeat_0, cfg.sdn_num_dirs, 4, transposed=True, wn=wn)
-        else:
-            decoder += conv_count(cin, cout, 4, transposed=True, wn=wn)
-    return encoder + decoder + obs_learned
+def build_on_meta(cfg, prepared: bool = False) -> nn.Module:
+    with torch.device("meta"):  # shapes only: instant and without memory even for 10^8 weights
+        model = build_model(cfg)
+        return prepare_model(model, cfg.train) if prepared else model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,15 +252,14 @@ def beta_vae_count(cfg: DisentanglementConfig, wn: bool = True) -> int:
 
 
 @pytest.mark.parametrize("name", DENSITY_FAMILIES)
-def test_density_plan_and_parameters_follow_the_spec(name):
-    cfg = density_config(**DENSITY_FAMILIES[name])
-    model = prepare_model(DensityVAE(cfg), TrainConfig())
-    layers, last = spec_plan(cfg)
+def test_density_plan_and_parameters_are_the_pinned_ones(name):
+    rows, last, parameters = FAMILY_PLANS[name]
+    model = build_density(name)
     described = model.describe()
-    assert described["ladder"] == layers
+    assert ladder_rows(described) == rows
     assert described["last_layer"]["sdn"] == (last is not None)
     assert described["last_layer"].get("directions") == last
-    assert count_parameters(model) == density_count(cfg)
+    assert count_parameters(model) == parameters
 
 
 @pytest.mark.parametrize("name", DENSITY_FAMILIES)
@@ -443,23 +478,20 @@ def test_bits_per_dim():
 
 
 @pytest.mark.parametrize("name", BETA_VAE_FAMILIES)
-def test_beta_vae_structure_follows_the_spec(name):
-    cfg = beta_vae_config(**BETA_VAE_FAMILIES[name])
-    model = prepare_model(DisentanglementVAE(cfg), TrainConfig())
-    assert count_parameters(model) == beta_vae_count(cfg)
+def test_beta_vae_structure_is_the_pinned_one(name):
+    plan, parameters = BETA_VAE_PLANS[name]
+    model = build_beta_vae(name)
+    assert count_parameters(model) == parameters
     stages = model.describe()["decoder_stages"]
     assert [stage["scale"] for stage in stages] == [8, 16, 32, 64]
-    expected_sdn = [cfg.sdn_min_scale <= s <= cfg.sdn_max_scale for s in (8, 16, 32, 64)]
-    assert [stage["sdn"] for stage in stages] == expected_sdn
+    assert [stage["sdn"] for stage in stages] == [entry is not None for entry in plan]
     upsamplers = [m for m in model.decoder if isinstance(m, (SDNLayer, nn.ConvTranspose2d))]
-    assert [isinstance(m, SDNLayer) for m in upsamplers] == expected_sdn
-    counter = 0
-    for stage, layer in zip(stages, upsamplers, strict=True):
-        if stage["sdn"]:
-            dirs = [(counter + i) % 4 for i in range(cfg.sdn_num_dirs)]
-            counter = (counter + cfg.sdn_num_dirs) % 4
+    assert [isinstance(m, SDNLayer) for m in upsamplers] == [entry is not None for entry in plan]
+    for stage, layer, entry in zip(stages, upsamplers, plan, strict=True):
+        if entry is not None:
+            features, dirs = entry
             assert stage["directions"] == [c.direction for c in layer.corrections] == dirs
-            assert stage["sdn_features"] == cfg.sdn_nfeat_0
+            assert stage["sdn_features"] == layer.project_in.out_channels == features
 
 
 def test_beta_vae_directions_cycle_across_stages():
@@ -766,22 +798,45 @@ def test_resume_trains_the_raw_weights_and_restores_the_ema(tmp_path):
 # Every experiment of params.yaml, built on the meta device (no memory, no init): plan and size
 
 @pytest.mark.parametrize("name", list(PARAMS["experiments"]))
-def test_every_experiment_matches_the_spec(name):
+def test_every_experiment_has_the_pinned_size(name):
+    built, trained = PAPER_PARAMETERS[name]
     cfg = experiment_config(PARAMS, name)
-    with torch.device("meta"):
-        model = build_model(cfg)
-    # what the spec's weight norm adds: one gain per output channel of each conv
-    gains = sum(m.out_channels for m in model.modules() if isinstance(m, CONVS))
-    if cfg.kind == "density":
-        layers, last = spec_plan(cfg.model)
-        assert model.describe()["ladder"] == layers
-        assert model.describe()["last_layer"].get("directions") == last
-        assert count_parameters(model) + gains == density_count(cfg.model)
-    else:
-        stages = model.describe()["decoder_stages"]
-        expected = [cfg.model.sdn_min_scale <= s <= cfg.model.sdn_max_scale for s in (8, 16, 32, 64)]
-        assert [stage["sdn"] for stage in stages] == expected
-        assert count_parameters(model) + gains == beta_vae_count(cfg.model)
+    assert count_parameters(build_on_meta(cfg)) == built
+    assert count_parameters(build_on_meta(cfg, prepared=True)) == trained
+
+
+@pytest.mark.parametrize("name", [n for n in PARAMS["experiments"] if n.split("-")[0] in PAPER_LADDERS])
+def test_density_experiments_have_the_pinned_ladders(name):
+    run, kind = name.split("-")
+    described = build_on_meta(experiment_config(PARAMS, name)).describe()
+    sdn = kind != "cnn"
+    assert ladder_rows(described) == paper_rows(run, sdn)
+    last = PAPER_LADDERS[run]["last"] if sdn else None
+    assert described["last_layer"].get("directions") == last
+    assert described["last_layer"]["sdn"] == (last is not None)
+
+
+@pytest.mark.parametrize(("name", "stages"), [
+    ("sprites-sdn", [None, (32, [0]), None, None]), ("sprites-cnn", [None] * 4),
+    ("3dshapes-sdn", [None, None, (200, [0]), None]), ("3dshapes-cnn", [None] * 4),
+])
+def test_beta_vae_experiments_have_the_pinned_decoders(name, stages):
+    described = build_on_meta(experiment_config(PARAMS, name)).describe()["decoder_stages"]
+    assert [stage["scale"] for stage in described] == [8, 16, 32, 64]
+    found = [(s["sdn_features"], s["directions"]) if s["sdn"] else None for s in described]
+    assert found == stages
+
+
+def test_cifar10_parameters_part_by_part():
+    model = build_on_meta(experiment_config(PARAMS, "cifar10-sdn"), prepared=True)
+    parts = CIFAR10_SDN_PARTS
+    assert count_parameters(model.first_layer) == parts["first_layer"]
+    assert model.top.numel() == parts["top"]
+    assert [count_parameters(layer) for layer in model.ladder] == parts["ladder"]
+    assert count_parameters(model.last_layer) == parts["last_layer"]
+    # the parts add up to the published total: nothing else holds parameters
+    total = parts["first_layer"] + parts["top"] + sum(parts["ladder"]) + parts["last_layer"]
+    assert total == count_parameters(model) == 121_486_444
 
 
 # ---------------------------------------------------------------------------------------------
@@ -791,11 +846,9 @@ def test_every_experiment_matches_the_spec(name):
 def test_info_reports_the_model(capsys):
     assert sdn_main(["info", "photos32-sdn"]) == 0
     result = json.loads(capsys.readouterr().out)
-    cfg = experiment_config(PARAMS, "photos32-sdn")
-    assert result["parameters"] == density_count(cfg.model)
-    layers, last = spec_plan(cfg.model)
-    assert result["ladder"] == layers
-    assert result["last_layer"]["sdn"] == (last is not None)
+    assert result["parameters"] == PAPER_PARAMETERS["photos32-sdn"][1]
+    assert ladder_rows(result) == paper_rows("photos32", sdn=True)
+    assert result["last_layer"] == {"sdn": False}
 
 
 def test_info_reports_the_beta_vae(capsys):
@@ -803,7 +856,7 @@ def test_info_reports_the_beta_vae(capsys):
     result = json.loads(capsys.readouterr().out)
     cfg = experiment_config(PARAMS, "sprites-sdn")
     assert not cfg.train.weight_norm  # the release's β-VAE regime
-    assert result["parameters"] == beta_vae_count(cfg.model, wn=False)
+    assert result["parameters"] == PAPER_PARAMETERS["sprites-sdn"][1]
     assert [stage["scale"] for stage in result["decoder_stages"]] == [8, 16, 32, 64]
 
 
@@ -822,12 +875,6 @@ def test_info_cifar10_builds_the_paper_network():
     result = json.loads(done.stdout)
     assert isinstance(result["parameters"], int)
     # docs/maths.md#paper-runs: depth 15, ds_list 5 10, F 360 / diff 128, 2 directions, 32x32
-    ladder = result["ladder"]
-    assert [layer["scale"] for layer in ladder] == [32] * 6 + [16] * 5 + [8] * 4
-    assert [layer["downsample"] for layer in ladder] == [i in (5, 10) for i in range(15)]
-    assert all(layer["sdn"] for layer in ladder)
-    assert [layer["sdn_features"] for layer in ladder] == [360] * 6 + [232] * 5 + [104] * 4
-    assert all(layer["directions"] == [[0, 1], [2, 3]] for layer in ladder)
+    assert ladder_rows(result) == paper_rows("cifar10", sdn=True)
     assert result["last_layer"] == {"sdn": True, "sdn_features": 360, "directions": [0, 1, 2, 3]}
-    cfg = experiment_config(PARAMS, "cifar10-sdn")
-    assert result["parameters"] == density_count(cfg.model) == 121_486_444  # docs/maths.md#paper-runs
+    assert result["parameters"] == 121_486_444  # docs/maths.md#paper-runs
