@@ -115,8 +115,8 @@ def snapshot(module: nn.Module) -> list[Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pinned facts: layer plans and parameter counts, worked out by hand from the release's structure (docs/maths.md sections 2, 7)
-# (the release's structure). A ladder row is (scale, downsamples, SDN features or None,
+# Pinned facts: layer plans and parameter counts, worked out by hand from the release's structure
+# (docs/maths.md sections 2, 7). A ladder row is (scale, downsamples, SDN features or None,
 # [directions of down_a, directions of down_b] or None), bottom layer first; scales are map sizes
 # (28x28 images are padded to 32). Counts include weight norm's gains (one per conv output
 # channel), as the release's `count_pars` reports them after its weight norm.
