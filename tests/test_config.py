@@ -463,7 +463,9 @@ def test_image_size_in_model_points_to_the_dataset():
 
 def test_load_params_reads_a_broken_file_that_validation_rejects(tmp_path):
     params = copy.deepcopy(PARAMS)
-    params["experiments"][DENSITY]["model"]["nbitz"] = 5
+    # a model of its own: through the YAML anchors its twins share the mapping
+    model = params["experiments"][DENSITY]["model"]
+    params["experiments"][DENSITY]["model"] = {**model, "nbitz": 5}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     loaded = load_params(path)
