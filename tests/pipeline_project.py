@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from sdn.registry import DEFAULT_RUNS, resolve_runs, write_registry
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -80,6 +82,9 @@ class Project:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target)
         self.write_params(micro_params(self.read_params()))
+        # The committed opt-in runs (the showcase) exercise nothing the defaults do not: the micro
+        # project runs the four defaults, as a fresh `sdn pipeline reset` leaves them.
+        write_registry(self.read_params(), resolve_runs(self.read_params(), {}, list(DEFAULT_RUNS), []), root)
         self.git("init", "-q")
         self.git("add", "-A")
         self.git("-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy")

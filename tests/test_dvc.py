@@ -108,10 +108,17 @@ def test_lazy_attributes_still_import() -> None:
 # ---- the registry of enabled runs ---------------------------------------------------------------
 
 
-def test_committed_registry_enables_the_defaults_and_matches_dvc_yaml() -> None:
+def committed_runs(params: dict) -> list[str]:
+    """What pipeline.yaml enables in the repository: the defaults and the opt-in showcase runs
+    whose results are committed, in params.yaml order."""
+    showcase = {name for name, cfg in params["experiments"].items() if cfg.get("opt_in")}
+    return [name for name in params["experiments"] if name in {*DEFAULT_RUNS, *showcase}]
+
+
+def test_committed_registry_enables_the_defaults_and_the_showcase_and_matches_dvc_yaml() -> None:
     params = load_params(REPO / "params.yaml")
     assert check_registry(params, REPO) == {
-        name: params["experiments"][name]["dataset"] for name in DEFAULT_RUNS
+        name: params["experiments"][name]["dataset"] for name in committed_runs(params)
     }
     registry = yaml.safe_load((REPO / "pipeline.yaml").read_text())
     assert registry["enabled_datasets"] == ["photos32", "sprites"]
@@ -137,7 +144,7 @@ def test_enable_a_dataset_adds_its_runs_and_their_summary_inputs_and_comparison(
     sdn_pipeline(root, "enable", "cifar10")
     runs = enabled_runs(root)
     experiments = load_params(root / "params.yaml")["experiments"]
-    wanted = [*DEFAULT_RUNS, "cifar10-sdn", "cifar10-cnn"]
+    wanted = [*committed_runs(load_params(root / "params.yaml")), "cifar10-sdn", "cifar10-cnn"]
     assert list(runs) == [name for name in experiments if name in wanted]  # params.yaml order
     assert yaml.safe_load((root / "pipeline.yaml").read_text())["enabled_datasets"].count("cifar10") == 1
     dvc = yaml.safe_load((root / "dvc.yaml").read_text())

@@ -202,7 +202,10 @@ def test_make_refreshes_the_readme_after_the_pipeline() -> None:
     result = subprocess.run([*MAKE, "-n", "all"], cwd=REPO, capture_output=True, text=True, check=True)
     commands = [line for line in result.stdout.splitlines() if "dvc repro" in line or " -m sdn " in line]
     kinds = [("dvc repro" in line, "sdn readme" in line, "sdn plots" in line) for line in commands]
-    assert kinds == [(True, False, False), (False, True, False), (False, False, True)]
+    assert kinds == [(True, False, False), (True, False, False), (False, True, False), (False, False, True)]
+    # the enabled runs less the opt-in ones, then the summary alone (it reads every committed eval.json)
+    assert "-m sdn pipeline targets" in commands[0]
+    assert commands[1].split()[-3:] == ["repro", "--single-item", "summary"]
     assert "--force" not in result.stdout
     assert "--force" not in (REPO / "Makefile").read_text()
 
