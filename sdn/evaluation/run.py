@@ -19,14 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from sdn.config import ExperimentConfig
+from sdn.data.datamodule import ImageDataModule
 from sdn.evaluation import samples as pictures
 from sdn.evaluation.device import experiment_device, precision_context
 from sdn.evaluation.likelihood import evaluate_density
-from sdn.training import LAST_CHECKPOINT, ShardSampler, _check_image_shape, _dataset, load_ema_model
+from sdn.training import LAST_CHECKPOINT, load_ema_model
 
 
 def write_json_atomic(data: dict[str, Any], path: Path) -> None:
@@ -40,20 +41,19 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
         raise
 
 
-def _load(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, split: str):
-    """The EMA model on the experiment's device, and the split's images."""
+def _load(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path):
+    """The EMA model on the experiment's device, and the experiment's data (validation split
+    opened and checked)."""
     device = experiment_device(cfg.trainer)
     torch.manual_seed(cfg.seed)  # seeds the CPU and every GPU generator
     # load_ema_model reads the checkpoint onto the CPU, whatever device saved it; then move it
     model = load_ema_model(cfg, ckpt_dir / LAST_CHECKPOINT).to(device)
-    data = _dataset(lmdb_dir, split, cfg.dataset)
-    _check_image_shape(data, cfg, split)
+    data = ImageDataModule.for_experiment(cfg, lmdb_dir, splits=("val",))
     return model, data, device
 
 
-def _batches(model, data, batch_size: int, limit: int | None, device: torch.device):
-    loader = DataLoader(data, batch_size=batch_size, sampler=ShardSampler(len(data), limit=limit))
-    for images, *_ in loader:
+def _batches(model, data: ImageDataModule, batch_size: int, limit: int | None, device: torch.device):
+    for images, *_ in data.shard_loader("val", batch_size, limit):
         yield model.obs.preprocess(images.to(device))
 
 
@@ -67,7 +67,7 @@ def evaluate_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, o
     """−ELBO (one sample per image), KL and importance-weighted NLL in bits/dim on the validation
     split (EMA weights), each with its standard error over images; for β-VAEs also the four
     disentanglement scores on the labelled set, each with its standard error."""
-    model, data, device = _load(cfg, lmdb_dir, ckpt_dir, "val")
+    model, data, device = _load(cfg, lmdb_dir, ckpt_dir)
     ev, precision = cfg.evaluate, cfg.trainer.precision
 
     def elbo(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -87,7 +87,7 @@ def evaluate_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, o
     # wall time and device are printed, not stored: the metrics file must be identical across reruns
     print(f"[sdn] {cfg.name}: evaluated {metrics['num_images']} images x {ev.iw_samples} samples "
           f"on {device} ({precision}) in {time.perf_counter() - started:.1f} s")
-    if cfg.kind == "disentanglement":
+    if model.scores_factors:
         started = time.perf_counter()
         metrics.update(disentanglement_scores(cfg, model, lmdb_dir, device))
         print(f"[sdn] {cfg.name}: disentanglement scores in {time.perf_counter() - started:.1f} s")
@@ -105,7 +105,7 @@ def disentanglement_scores(
     from sdn.evaluation import disentanglement as metrics
 
     ev = cfg.evaluate
-    data = _dataset(lmdb_dir, "train", cfg.dataset)
+    data = ImageDataModule.for_experiment(cfg, lmdb_dir, splits=("train",)).dataset("train")
     count = len(data) if ev.disentanglement_points is None else min(len(data), ev.disentanglement_points)
     generator = torch.Generator().manual_seed(cfg.seed)
     indices = torch.randperm(len(data), generator=generator)[:count].tolist()
@@ -168,12 +168,12 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
     The pictures are built in a temporary folder beside `out_dir` and swapped in when all are
     written, so `out_dir` always holds exactly one run's pictures: a run that fails or is killed
     midway leaves the previous ones, and grids of temperatures no longer configured go."""
-    model, val, device = _load(cfg, lmdb_dir, ckpt_dir, "val")
+    model, data, device = _load(cfg, lmdb_dir, ckpt_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _recover(out_dir)
     sc = cfg.sample
     n = sc.grid
-    first = next(iter(DataLoader(val, batch_size=max(4, n))))[0]
+    first = next(iter(DataLoader(data.dataset("val"), batch_size=max(4, n))))[0]
     x = model.obs.preprocess(first.to(device))
 
     def interpolation(layers: int) -> torch.Tensor:
@@ -189,22 +189,27 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
     pictures_to_draw: list[tuple[str, int, Callable[[], torch.Tensor]]] = [
         (f"samples_t{t:g}.png", n, lambda t=t: pictures.sample_grid(model, n * n, t)) for t in sc.temperatures
     ]
-    if cfg.kind == "density":
-        pictures_to_draw += [
+    # the model names the other pictures that show what it learnt (`sample_pictures`)
+    drawn_for = {
+        "interpolations": [
             (f"interpolation_l{k}.png", sc.interpolation_steps + 2, lambda k=k: interpolation(k))
             for k in sc.interpolation_layers
-        ]
-        pictures_to_draw += [
+        ],
+        "neighbourhood": [
             ("neighbourhood.png", n, lambda: pictures.neighbourhood(
                 model, x[:4], sc.neighbourhood_layers, n - 1, sc.neighbourhood_temperature
             )),
-            ("nearest_train.png", sc.nearest_k + 1, lambda: _nearest(cfg, model, lmdb_dir)),
-        ]
-    else:
-        pictures_to_draw += [
+        ],
+        "nearest_train": [
+            ("nearest_train.png", sc.nearest_k + 1, lambda: _nearest(cfg, model, data.dataset("train"))),
+        ],
+        "reconstructions": [
             ("reconstructions.png", 2 * int(math.sqrt(n)), lambda: pictures.reconstructions(model, x[:n])),
-            ("traversals.png", 8, lambda: pictures.traversals(model, x[:1])),
-        ]
+        ],
+        "traversals": [("traversals.png", 8, lambda: pictures.traversals(model, x[:1]))],
+    }
+    for picture in model.sample_pictures:
+        pictures_to_draw += drawn_for[picture]
 
     built = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     try:
@@ -220,10 +225,9 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
     return [out_dir / name for name, _, _ in pictures_to_draw]
 
 
-def _nearest(cfg: ExperimentConfig, model, lmdb_dir: Path) -> torch.Tensor:
+def _nearest(cfg: ExperimentConfig, model, train: Dataset) -> torch.Tensor:
     """Rows: a sample at the run's sampling temperature, then its nearest training images (an
     overfitting check)."""
-    train = _dataset(lmdb_dir, "train", cfg.dataset)
     device = next(model.parameters()).device
     loader = DataLoader(train, batch_size=2048)
 
