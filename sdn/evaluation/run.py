@@ -171,10 +171,30 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
     model, data, device = _load(cfg, lmdb_dir, ckpt_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _recover(out_dir)
+    first = next(iter(DataLoader(data.dataset("val"), batch_size=max(4, cfg.sample.grid))))[0]
+    pictures_to_draw = _pictures_to_draw(cfg, model, model.obs.preprocess(first.to(device)), data)
+
+    built = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    try:
+        progress = tqdm(pictures_to_draw, desc="sample", unit="picture", disable=not cfg.trainer.progress_bar)
+        for name, nrow, draw in progress:
+            with precision_context(cfg.trainer.precision, device):
+                images = draw()
+            pictures.save_grid(images, built / name, nrow)
+        _swap_in(built, out_dir)
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        raise
+    return [out_dir / name for name, _, _ in pictures_to_draw]
+
+
+def _pictures_to_draw(
+    cfg: ExperimentConfig, model, x: torch.Tensor, data: ImageDataModule
+) -> list[tuple[str, int, Callable[[], torch.Tensor]]]:
+    """(file name, images per row, how to draw it) for each picture, in drawing order: the sample
+    grids, then the pictures the model names in `sample_pictures`; `x` holds validation images."""
     sc = cfg.sample
     n = sc.grid
-    first = next(iter(DataLoader(data.dataset("val"), batch_size=max(4, n))))[0]
-    x = model.obs.preprocess(first.to(device))
 
     def interpolation(layers: int) -> torch.Tensor:
         pairs = (x[0:2], x[2:4])
@@ -185,7 +205,6 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
             for pair in pairs
         ])
 
-    # (file name, images per row, how to draw it): drawn one by one under the progress bar
     pictures_to_draw: list[tuple[str, int, Callable[[], torch.Tensor]]] = [
         (f"samples_t{t:g}.png", n, lambda t=t: pictures.sample_grid(model, n * n, t)) for t in sc.temperatures
     ]
@@ -210,19 +229,7 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
     }
     for picture in model.sample_pictures:
         pictures_to_draw += drawn_for[picture]
-
-    built = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    try:
-        progress = tqdm(pictures_to_draw, desc="sample", unit="picture", disable=not cfg.trainer.progress_bar)
-        for name, nrow, draw in progress:
-            with precision_context(cfg.trainer.precision, device):
-                images = draw()
-            pictures.save_grid(images, built / name, nrow)
-        _swap_in(built, out_dir)
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
-    return [out_dir / name for name, _, _ in pictures_to_draw]
+    return pictures_to_draw
 
 
 def _nearest(cfg: ExperimentConfig, model, train: Dataset) -> torch.Tensor:
