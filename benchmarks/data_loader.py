@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from sdn.config import dataset_config, load_params
 from sdn.data import LMDBImageDataset, convert_dataset, download_dataset
-from sdn.data.lmdb_store import CRC_BYTES, _environment, record_key
+from sdn.data.lmdb_store import CRC_BYTES, open_environment, record_key
 
 BATCH = 64
 
@@ -35,7 +35,7 @@ class UncheckedDataset(LMDBImageDataset):
 
     def record(self, index: int) -> bytes:
         if self._pid != os.getpid():
-            self._env, self._pid = _environment(self.path), os.getpid()
+            self._env, self._pid = open_environment(self.path), os.getpid()
         with self._env.begin() as txn:
             return txn.get(record_key(index))[:-CRC_BYTES]
 

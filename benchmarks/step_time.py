@@ -24,8 +24,7 @@ from sdn.training import VAEModule, count_parameters
 def one_step(module: VAEModule, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> float:
     started = time.perf_counter()
     out = module.model(module.model.obs.preprocess(images))
-    loss = out["loss"] if "loss" in out else module.model.loss(out, module.beta())
-    loss.mean().backward()
+    module.model.loss(out, step=0).mean().backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - started

@@ -82,8 +82,6 @@ def test_write_and_read_back_with_a_growing_map(tmp_path: Path) -> None:
     assert image.dtype == torch.uint8 and label.dtype == torch.int64
     np.testing.assert_array_equal(image.numpy(), images[1234])
     np.testing.assert_array_equal(label.numpy(), labels[1234])
-    flipped, _ = dataset[(1234, True)]
-    np.testing.assert_array_equal(flipped.numpy(), images[1234][:, :, ::-1])
     np.testing.assert_array_equal(dataset[-1][0].numpy(), images[-1])
     with pytest.raises(IndexError):
         dataset[2000]
@@ -213,29 +211,30 @@ def _epoch(loader) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_datamodule_batches_are_deterministic_with_workers(sprites_root: Path) -> None:
     data_dir = sprites_root / "lmdb" / "sprites"
-    serial = ImageDataModule(data_dir, batch_size=16, flip=True, seed=5)
-    parallel = ImageDataModule(data_dir, batch_size=16, flip=True, seed=5, num_workers=2)
+    serial = ImageDataModule(data_dir, batch_size=16, seed=5)
+    parallel = ImageDataModule(data_dir, batch_size=16, seed=5, num_workers=2)
     assert serial.metadata["counts"] == {"train": 72, "val": 24}
     assert serial.metadata["label_names"] == ["shape", "scale", "rotation", "x", "y", "hue"]
     images, labels = _epoch(serial.train_dataloader())
-    assert images.shape == (72, 3, 64, 64) and images.dtype == torch.uint8 and labels.shape == (72, 6)
-    loader = parallel.train_dataloader()
-    first, second = _epoch(loader), _epoch(loader)
+    # one pass by default: 4 whole batches of 16 (the 8 images left over open the next epoch)
+    assert images.shape == (64, 3, 64, 64) and images.dtype == torch.uint8 and labels.shape == (64, 6)
+    assert len({tuple(y.tolist()) for y in labels}) == 64  # each image at most once
+    first = _epoch(parallel.train_dataloader())
     assert torch.equal(first[0], images) and torch.equal(first[1], labels)
-    assert not torch.equal(second[1], labels)  # the next epoch is reshuffled
 
-    # the training order is a permutation of the split, with some images flipped
-    plain = ImageDataModule(data_dir, batch_size=72).dataset("train")
+    # the training images are the split's as stored: flips are drawn in the training step
+    plain = serial.dataset("train")
     rows = {tuple(plain[i][1].tolist()): plain[i][0] for i in range(len(plain))}
-    flipped = [not torch.equal(rows[tuple(y.tolist())], x) for x, y in zip(images, labels, strict=True)]
-    assert all(
-        torch.equal(rows[tuple(y.tolist())].flip(-1), x)
-        for x, y, f in zip(images, labels, flipped, strict=True)
-        if f
-    )
-    assert 0 < sum(flipped) < len(flipped)
+    assert all(torch.equal(rows[tuple(y.tolist())], x) for x, y in zip(images, labels, strict=True))
+    assert not torch.equal(labels, torch.stack([plain[i][1] for i in range(64)]))  # shuffled
 
-    val_images, _ = _epoch(serial.val_dataloader())  # validation: in order, never flipped
+    # batches are indexed by step: a run resumed at step 2 deals the last two batches of the pass
+    resumed = ImageDataModule(data_dir, batch_size=16, seed=5, start_step=2)
+    assert torch.equal(_epoch(resumed.train_dataloader())[1], labels[32:])
+    other_seed = ImageDataModule(data_dir, batch_size=16, seed=6)
+    assert not torch.equal(_epoch(other_seed.train_dataloader())[1], labels)
+
+    val_images, _ = _epoch(serial.val_dataloader())  # validation: in order, every image once
     assert torch.equal(val_images, torch.stack([serial.dataset("val")[i][0] for i in range(24)]))
 
 
@@ -244,11 +243,11 @@ def test_datamodule_transform_and_expected_shape(sprites_root: Path) -> None:
     module = ImageDataModule(data_dir, batch_size=8, transform=lambda x: x.float() / 255)
     images, _ = next(iter(module.val_dataloader()))
     assert images.dtype == torch.float32 and float(images.max()) <= 1.0
-    with pytest.raises(DatasetError, match=r"holds \(3, 64, 64\) images but \(3, 32, 32\) are expected"):
+    shape = r"sprites/train holds images of shape \(3, 64, 64\) but this run expects \(3, 32, 32\)"
+    with pytest.raises(DatasetError, match=shape):
         ImageDataModule(data_dir, batch_size=8, image_shape=(3, 32, 32))
-    with pytest.raises(
-        DatasetNotFoundError, match=r"nowhere/train not found: build it with `dvc repro convert@nowhere`"
-    ):
+    missing = r"nowhere/train not found: convert the dataset first \(dvc repro convert@nowhere\)"
+    with pytest.raises(DatasetNotFoundError, match=missing):
         ImageDataModule(sprites_root / "lmdb" / "nowhere", batch_size=8)
 
 
@@ -270,17 +269,20 @@ def test_datamodule_drives_a_lightning_fit(sprites_root: Path) -> None:
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    module = ImageDataModule(sprites_root / "lmdb" / "sprites", batch_size=16, flip=True)
+    # 6 steps of 16 from 72 images: the run goes on into the second epoch's order
+    module = ImageDataModule(sprites_root / "lmdb" / "sprites", batch_size=16, steps=6)
     trainer = pl.Trainer(
-        max_epochs=2,
+        max_steps=6,
+        max_epochs=-1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
+        use_distributed_sampler=False,
     )
     trainer.fit(Mean(), datamodule=module)
-    assert trainer.global_step == 2 * 5
+    assert trainer.global_step == 6
 
 
 # --- inspect and the stage scripts ---------------------------------------------------------------

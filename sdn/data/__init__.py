@@ -2,7 +2,8 @@
 
 Flow: `download_dataset` fills `data/raw/<name>/`, `convert_dataset` writes one LMDB
 environment per split to `data/lmdb/<name>/`, and `ImageDataModule` / `LMDBImageDataset`
-serve it as uint8 (C, H, W) images with int64 labels.
+serve it as uint8 (C, H, W) images with int64 labels: the one way training, evaluation and
+sampling read their data.
 """
 
 from typing import Any
@@ -24,7 +25,6 @@ __all__ = [
     "DatasetError",
     "DatasetNotFoundError",
     "DownloadError",
-    "EpochSampler",
     "ImageDataModule",
     "LMDBImageDataset",
     "LocalWriteError",
@@ -42,7 +42,7 @@ def __getattr__(name: str) -> Any:
     # Loaded on first use. The DataModule needs pytorch_lightning, slow to import; the sources
     # import every dataset's downloader and reader, which training does not need (nor should it
     # re-run when they change: dvc.yaml lists each stage's modules).
-    if name in ("EpochSampler", "ImageDataModule"):
+    if name == "ImageDataModule":
         from sdn.data import datamodule
 
         return getattr(datamodule, name)

@@ -137,7 +137,8 @@ def _truncated(data_file: Path, size: int, needed: int) -> DatasetError:
     )
 
 
-def _environment(path: Path) -> lmdb.Environment:
+def open_environment(path: Path) -> lmdb.Environment:
+    """The split's read-only LMDB environment, shared in this process and checked for truncation."""
     data_file = path / "data.mdb"
     try:
         stat = data_file.stat()
@@ -197,7 +198,7 @@ def read_metadata(
     path = Path(path)
     hint = convert_hint(path, dataset)
     try:
-        with _environment(path).begin() as txn:
+        with open_environment(path).begin() as txn:
             raw = txn.get(META_KEY)
             entries = txn.stat()["entries"]
     except lmdb.Error as error:
@@ -308,8 +309,7 @@ class LMDBImageDataset(Dataset):
     the caller expects, where given); every record's CRC is checked as it is read. The
     environment is opened lazily, read-only, in each process that reads (fork-safe with
     DataLoader workers) and shared with the other readers of the same split in that process.
-    An item may be an index or an `(index, flip)` pair, where `flip` asks for a horizontal flip
-    (see `EpochSampler`); `transform` is applied to the uint8 image.
+    `transform` is applied to the uint8 image.
     """
 
     def __init__(
@@ -344,7 +344,7 @@ class LMDBImageDataset(Dataset):
     def record(self, index: int) -> bytes:
         """The checked bytes of record `index`: image, then labels (the CRC removed)."""
         if self._pid != os.getpid():
-            self._env = _environment(self.path)
+            self._env = open_environment(self.path)
             self._pid = os.getpid()
         try:
             with self._env.begin() as txn:
@@ -360,8 +360,7 @@ class LMDBImageDataset(Dataset):
             raise self._corrupt(index, f"fails its checksum (crc32c {computed:08x}, stored {stored:08x})")
         return payload
 
-    def __getitem__(self, item: int | tuple[int, bool]) -> tuple[Tensor, Tensor]:
-        index, flip = item if isinstance(item, tuple) else (item, False)
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         index = int(index)
         if index < 0:
             index += len(self)
@@ -373,8 +372,6 @@ class LMDBImageDataset(Dataset):
         labels = torch.from_numpy(
             np.frombuffer(payload, dtype="<i8", offset=self.meta.image_bytes).astype(np.int64)
         )
-        if flip:
-            image = image.flip(-1)
         if self.transform is not None:
             image = self.transform(image)
         return image, labels

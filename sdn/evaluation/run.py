@@ -19,15 +19,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from sdn.config import ExperimentConfig
+from sdn.data.datamodule import ImageDataModule
 from sdn.evaluation import samples as pictures
 from sdn.evaluation.device import experiment_device, precision_context
 from sdn.evaluation.likelihood import evaluate_density
 from sdn.evaluation.spectrum import nyquist_share
-from sdn.training import LAST_CHECKPOINT, ShardSampler, _check_image_shape, _dataset, load_ema_model
+from sdn.training import LAST_CHECKPOINT, load_ema_model
 
 
 def write_json_atomic(data: dict[str, Any], path: Path) -> None:
@@ -41,20 +42,19 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
         raise
 
 
-def _load(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, split: str):
-    """The EMA model on the experiment's device, and the split's images."""
+def _load(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path):
+    """The EMA model on the experiment's device, and the experiment's data (validation split
+    opened and checked)."""
     device = experiment_device(cfg.trainer)
     torch.manual_seed(cfg.seed)  # seeds the CPU and every GPU generator
     # load_ema_model reads the checkpoint onto the CPU, whatever device saved it; then move it
     model = load_ema_model(cfg, ckpt_dir / LAST_CHECKPOINT).to(device)
-    data = _dataset(lmdb_dir, split, cfg.dataset)
-    _check_image_shape(data, cfg, split)
+    data = ImageDataModule.for_experiment(cfg, lmdb_dir, splits=("val",))
     return model, data, device
 
 
-def _batches(model, data, batch_size: int, limit: int | None, device: torch.device):
-    loader = DataLoader(data, batch_size=batch_size, sampler=ShardSampler(len(data), limit=limit))
-    for images, *_ in loader:
+def _batches(model, data: ImageDataModule, batch_size: int, limit: int | None, device: torch.device):
+    for images, *_ in data.shard_loader("val", batch_size, limit):
         yield model.obs.preprocess(images.to(device))
 
 
@@ -68,7 +68,7 @@ def evaluate_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, o
     """−ELBO (one sample per image), KL and importance-weighted NLL in bits/dim on the validation
     split (EMA weights), each with its standard error over images; for β-VAEs also the four
     disentanglement scores on the labelled set, each with its standard error."""
-    model, data, device = _load(cfg, lmdb_dir, ckpt_dir, "val")
+    model, data, device = _load(cfg, lmdb_dir, ckpt_dir)
     ev, precision = cfg.evaluate, cfg.trainer.precision
 
     def elbo(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -88,13 +88,13 @@ def evaluate_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, o
     # wall time and device are printed, not stored: the metrics file must be identical across reruns
     print(f"[sdn] {cfg.name}: evaluated {metrics['num_images']} images x {ev.iw_samples} samples "
           f"on {device} ({precision}) in {time.perf_counter() - started:.1f} s")
-    if cfg.kind == "density":
-        with precision_context(precision, device):
-            metrics.update(dot_pattern(cfg, model, data, device))
-    if cfg.kind == "disentanglement":
+    if model.scores_factors:
         started = time.perf_counter()
         metrics.update(disentanglement_scores(cfg, model, lmdb_dir, device))
         print(f"[sdn] {cfg.name}: disentanglement scores in {time.perf_counter() - started:.1f} s")
+    # last, so that its draws leave every figure above as it was
+    with precision_context(precision, device):
+        metrics.update(dot_pattern(cfg, model, data.dataset("val"), device))
     metrics = _rounded(metrics)
     write_json_atomic(metrics, out_dir / "eval.json")
     return metrics
@@ -134,7 +134,7 @@ def disentanglement_scores(
     from sdn.evaluation import disentanglement as metrics
 
     ev = cfg.evaluate
-    data = _dataset(lmdb_dir, "train", cfg.dataset)
+    data = ImageDataModule.for_experiment(cfg, lmdb_dir, splits=("train",)).dataset("train")
     count = len(data) if ev.disentanglement_points is None else min(len(data), ev.disentanglement_points)
     generator = torch.Generator().manual_seed(cfg.seed)
     indices = torch.randperm(len(data), generator=generator)[:count].tolist()
@@ -197,64 +197,11 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
     The pictures are built in a temporary folder beside `out_dir` and swapped in when all are
     written, so `out_dir` always holds exactly one run's pictures: a run that fails or is killed
     midway leaves the previous ones, and grids of temperatures no longer configured go."""
-    model, val, device = _load(cfg, lmdb_dir, ckpt_dir, "val")
+    model, data, device = _load(cfg, lmdb_dir, ckpt_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _recover(out_dir)
-    sc = cfg.sample
-    n = sc.grid
-    first = next(iter(DataLoader(val, batch_size=max(4, n))))[0]
-    x = model.obs.preprocess(first.to(device))
-
-    def interpolation(layers: int) -> torch.Tensor:
-        pairs = (x[0:2], x[2:4])
-        return torch.cat([
-            pictures.interpolate_density(
-                model, pair, layers, sc.interpolation_steps, sc.interpolation_temperature
-            )
-            for pair in pairs
-        ])
-
-    # (file name, images per row, title, how to draw it): drawn one by one under the progress bar
-    name = cfg.name
-    pictures_to_draw: list[tuple[str, int, str, Callable[[], torch.Tensor]]] = [
-        (
-            f"samples_t{t:g}.png", n, f"{name} · samples, T = {t:g}",
-            lambda t=t: pictures.sample_grid(model, n * n, t),
-        )
-        for t in sc.temperatures
-    ]
-    if cfg.kind == "density":
-        pictures_to_draw += [
-            (
-                f"interpolation_l{k}.png", sc.interpolation_steps + 2,
-                f"{name} · interpolation, top {k + 1} layers", lambda k=k: interpolation(k),
-            )
-            for k in sc.interpolation_layers
-        ]
-        pictures_to_draw += [
-            (
-                "neighbourhood.png", n,
-                f"{name} · top {sc.neighbourhood_layers} layers kept, T = {sc.neighbourhood_temperature:g}",
-                lambda: pictures.neighbourhood(
-                    model, x[:4], sc.neighbourhood_layers, n - 1, sc.neighbourhood_temperature
-                ),
-            ),
-            (
-                "nearest_train.png", sc.nearest_k + 1, f"{name} · sample, nearest training images",
-                lambda: _nearest(cfg, model, lmdb_dir),
-            ),
-        ]
-    else:
-        pictures_to_draw += [
-            (
-                "reconstructions.png", 2 * int(math.sqrt(n)), f"{name} · inputs and reconstructions",
-                lambda: pictures.reconstructions(model, x[:n]),
-            ),
-            (
-                "traversals.png", 8, f"{name} · latent traversals, -3 to 3",
-                lambda: pictures.traversals(model, x[:1]),
-            ),
-        ]
+    first = next(iter(DataLoader(data.dataset("val"), batch_size=max(4, cfg.sample.grid))))[0]
+    pictures_to_draw = _pictures_to_draw(cfg, model, model.obs.preprocess(first.to(device)), data)
     scale = pictures.upscale_factor(cfg.model.image_size)
 
     built = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
@@ -271,10 +218,74 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
     return [out_dir / file_name for file_name, *_ in pictures_to_draw]
 
 
-def _nearest(cfg: ExperimentConfig, model, lmdb_dir: Path) -> torch.Tensor:
+def _pictures_to_draw(
+    cfg: ExperimentConfig, model, x: torch.Tensor, data: ImageDataModule
+) -> list[tuple[str, int, str, Callable[[], torch.Tensor]]]:
+    """(file name, images per row, title, how to draw it) for each picture, in drawing order: the
+    sample grids, then the pictures the model names in `sample_pictures`; `x` holds validation
+    images. Titles name the experiment and what the picture shows."""
+    sc = cfg.sample
+    n = sc.grid
+    name = cfg.name
+
+    def interpolation(layers: int) -> torch.Tensor:
+        pairs = (x[0:2], x[2:4])
+        return torch.cat([
+            pictures.interpolate_density(
+                model, pair, layers, sc.interpolation_steps, sc.interpolation_temperature
+            )
+            for pair in pairs
+        ])
+
+    pictures_to_draw: list[tuple[str, int, str, Callable[[], torch.Tensor]]] = [
+        (
+            f"samples_t{t:g}.png", n, f"{name} · samples, T = {t:g}",
+            lambda t=t: pictures.sample_grid(model, n * n, t),
+        )
+        for t in sc.temperatures
+    ]
+    # the model names the other pictures that show what it learnt (`sample_pictures`)
+    kept = f"{name} · top {sc.neighbourhood_layers} layers kept, T = {sc.neighbourhood_temperature:g}"
+    drawn_for = {
+        "interpolations": [
+            (
+                f"interpolation_l{k}.png", sc.interpolation_steps + 2,
+                f"{name} · interpolation, top {k + 1} layers", lambda k=k: interpolation(k),
+            )
+            for k in sc.interpolation_layers
+        ],
+        "neighbourhood": [
+            ("neighbourhood.png", n, kept, lambda: pictures.neighbourhood(
+                model, x[:4], sc.neighbourhood_layers, n - 1, sc.neighbourhood_temperature
+            )),
+        ],
+        "nearest_train": [
+            (
+                "nearest_train.png", sc.nearest_k + 1, f"{name} · sample, nearest training images",
+                lambda: _nearest(cfg, model, data.dataset("train")),
+            ),
+        ],
+        "reconstructions": [
+            (
+                "reconstructions.png", 2 * int(math.sqrt(n)), f"{name} · inputs and reconstructions",
+                lambda: pictures.reconstructions(model, x[:n]),
+            ),
+        ],
+        "traversals": [
+            (
+                "traversals.png", 8, f"{name} · latent traversals, -3 to 3",
+                lambda: pictures.traversals(model, x[:1]),
+            ),
+        ],
+    }
+    for picture in model.sample_pictures:
+        pictures_to_draw += drawn_for[picture]
+    return pictures_to_draw
+
+
+def _nearest(cfg: ExperimentConfig, model, train: Dataset) -> torch.Tensor:
     """Rows: a sample at the run's sampling temperature, then its nearest training images (an
     overfitting check)."""
-    train = _dataset(lmdb_dir, "train", cfg.dataset)
     device = next(model.parameters()).device
     loader = DataLoader(train, batch_size=2048)
 

@@ -127,6 +127,12 @@ class DensityVAE(nn.Module):
     torch.Size([2])
     """
 
+    # The pictures the sample stage draws besides its sample grids, in this order
+    # (`sdn.evaluation.run.sample_experiment`), and whether evaluation scores the codes against the
+    # data's factors of variation (the β-VAE's disentanglement metrics).
+    sample_pictures = ("interpolations", "neighbourhood", "nearest_train")
+    scores_factors = False
+
     def __init__(self, cfg: DensityConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -216,6 +222,10 @@ class DensityVAE(nn.Module):
         # As released: per layer, lifts the batch-mean KL towards `free_bits` (docs/maths.md#free-bits).
         mean = kl.mean()
         return kl + (torch.clamp(mean, min=self.cfg.free_bits) - mean) / kl.shape[0]
+
+    def loss(self, out: dict[str, Tensor | list[Tensor]], step: int) -> Tensor:
+        """Per-image training loss −(log p(x|z) − KL with free bits); the same at every `step`."""
+        return out["loss"]
 
     def elbo(self, x: Tensor) -> dict[str, Tensor]:
         """Single-sample ELBO and KL per image (the evaluation's callable)."""

@@ -22,6 +22,10 @@ class DisentanglementVAE(nn.Module):
     torch.Size([2])
     """
 
+    # see DensityVAE
+    sample_pictures = ("reconstructions", "traversals")
+    scores_factors = True
+
     def __init__(self, cfg: DisentanglementConfig) -> None:
         super().__init__()
         if cfg.image_size != 64:
@@ -94,9 +98,14 @@ class DisentanglementVAE(nn.Module):
         kl = (0.5 * (z**2 - eps**2) - 0.5 * logvar).sum(1)
         return {"log_px": log_px, "kl": kl, "elbo": log_px - kl, "z": z}
 
-    def loss(self, out: dict[str, Tensor], beta: float) -> Tensor:
-        """Per-image β-VAE loss −(log p(x|z) − β·KL)."""
-        return -(out["log_px"] - beta * out["kl"])
+    def beta(self, step: int) -> float:
+        """β for optimizer step `step` (counted from 0): the schedule after `step + 1` updates, as
+        released."""
+        return beta_schedule(step + 1, self.cfg.beta_final, self.cfg.beta_rate)
+
+    def loss(self, out: dict[str, Tensor], step: int) -> Tensor:
+        """Per-image β-VAE loss −(log p(x|z) − β·KL) at optimizer step `step`, β annealed."""
+        return -(out["log_px"] - self.beta(step) * out["kl"])
 
     def elbo(self, x: Tensor) -> dict[str, Tensor]:
         out = self(x)

@@ -1,0 +1,128 @@
+"""Checkpoints: atomic writes, step-driven saves, resuming only a matching configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from sdn.config import ExperimentConfig
+from sdn.pipeline import CheckpointError
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def config_fingerprint(cfg: ExperimentConfig) -> str:
+    """What a checkpoint must match to be resumed: model, data, seed and the optimisation
+    settings. Run-length and logging knobs are left out so `max_steps` can be raised."""
+    train = dataclasses.asdict(cfg.train)
+    for key in ("max_steps", "val_every_steps", "val_batches", "ckpt_every_steps"):
+        train.pop(key)
+    payload = {
+        "dataset": cfg.dataset,
+        "seed": cfg.seed,
+        "kind": cfg.kind,
+        "model": dataclasses.asdict(cfg.model),
+        "train": train,
+        "precision": str(cfg.trainer.precision),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_checkpoint_file(path: Path | str) -> Any:
+    """A checkpoint's contents, unpickled with `weights_only=True`: tensors and plain values only,
+    so a planted or tampered file cannot run code (any other object is refused)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it, so a kill never leaves a
+    truncated checkpoint under the final name; loads them with `weights_only=True` (Lightning's own
+    resume load included) and names a local write failure (full disk, permissions) as such."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        from sdn.data.errors import write_failure
+
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(checkpoint, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException as error:
+            # torch.save reports a failed write as a RuntimeError without errno: examine the half file
+            why = write_failure(error, tmp) if isinstance(error, (OSError, RuntimeError)) else None
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: keep the previous checkpoint, drop the half
+            if why is not None:
+                raise CheckpointError(
+                    f"{why} while writing the checkpoint {path}: free space (or raise the limit, fix the "
+                    "permissions), then rerun the same command; the previous checkpoint is kept."
+                ) from error
+            raise
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return load_checkpoint_file(path)
+
+
+class StepCheckpoint(pl.Callback):
+    """Writes `path` every `every` optimizer steps. At a step that also validates, it waits for the
+    validation, so the checkpoint's curves hold that step's validation row: a run resumed from it
+    writes the same curves as an uninterrupted one."""
+
+    def __init__(self, path: Path, every: int, val_every: int | None) -> None:
+        self.path, self.every, self.val_every = Path(path), every, val_every
+        self._saved_step = 0
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every == 0 and step != self._saved_step:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self._saved_step = step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._saved_step = trainer.global_step  # a resumed run starts from a saved step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # only right after an optimizer step: never in the middle of accumulated micro-batches
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if stepped and (self.val_every is None or trainer.global_step % self.val_every != 0):
+            self._save(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save(trainer)
+
+
+def resumable_checkpoint(ckpt_dir: Path, fingerprint: str, stale_dir: Path) -> Path | None:
+    """The checkpoint to resume from, if one exists and was made with this configuration.
+
+    A checkpoint from another configuration, or one that cannot be read, is moved to `stale_dir`
+    (never resumed)."""
+    for partial in ckpt_dir.glob(".*.ckpt.tmp"):  # a save cut short by a kill
+        partial.unlink(missing_ok=True)
+    path = ckpt_dir / LAST_CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        found = load_checkpoint_file(path).get("sdn_fingerprint")
+        why = f"was made with a different configuration ({found} != {fingerprint})"
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is set aside
+        found, why = "unreadable", f"cannot be read ({type(err).__name__}: {str(err)[:200]})"
+    if found == fingerprint:
+        return path
+    stale_dir.mkdir(parents=True, exist_ok=True)
+    target = stale_dir / f"{ckpt_dir.name}-{found}.ckpt"
+    os.replace(path, target)
+    print(f"[sdn] {path} {why}; moved it to {target} and training starts from scratch.")
+    return None
+
+

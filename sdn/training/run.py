@@ -1,0 +1,89 @@
+"""The whole training run: what `stages/train.py` calls."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from sdn.config import ExperimentConfig
+from sdn.data.datamodule import ImageDataModule
+from sdn.training.checkpoints import (
+    LAST_CHECKPOINT,
+    AtomicCheckpointIO,
+    StepCheckpoint,
+    config_fingerprint,
+    load_checkpoint_file,
+    resumable_checkpoint,
+)
+from sdn.training.curves import LiveCurves
+from sdn.training.module import VAEModule
+
+
+def _strategy(name: str) -> str:
+    # The top ladder layer's bottom-up output is not used by the loss (as released), so DDP must
+    # look for unused parameters or it stops at the first step.
+    if name in ("ddp", "ddp_spawn"):
+        return f"{name}_find_unused_parameters_true"
+    return name
+
+
+def train_experiment(
+    cfg: ExperimentConfig,
+    lmdb_dir: Path,
+    ckpt_dir: Path,
+    metrics_dir: Path,
+    stale_dir: Path = Path("data/stale-checkpoints"),
+    extra_callbacks: list[pl.Callback] | None = None,
+) -> VAEModule:
+    """Train (or resume) one experiment; writes `last.ckpt` and the training curves."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = ImageDataModule.for_experiment(cfg, lmdb_dir)
+
+    trainer_cfg, train = cfg.trainer, cfg.train
+    k = train.accumulate_grad_batches
+    resume = resumable_checkpoint(ckpt_dir, config_fingerprint(cfg), stale_dir)
+
+    validates = data.val_limit != 0
+    checkpointing = StepCheckpoint(
+        ckpt_dir / LAST_CHECKPOINT, train.ckpt_every_steps, train.val_every_steps if validates else None
+    )
+    live = LiveCurves(metrics_dir)
+    trainer = pl.Trainer(
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=_strategy(trainer_cfg.strategy),
+        precision=trainer_cfg.precision,
+        deterministic=trainer_cfg.deterministic,
+        max_steps=train.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=k,
+        gradient_clip_val=train.gradient_clip_val,
+        val_check_interval=train.val_every_steps * k,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1.0 if validates else 0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=trainer_cfg.log_every_n_steps,
+        enable_progress_bar=trainer_cfg.progress_bar,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,  # StepCheckpoint writes last.ckpt
+        callbacks=[checkpointing, live, *(extra_callbacks or [])],
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,
+        default_root_dir=str(ckpt_dir),
+    )
+    if resume is not None:
+        data.start_step = int(load_checkpoint_file(resume)["global_step"])
+        print(f"[sdn] resuming {cfg.name} from {resume} at step {data.start_step}")
+    module = VAEModule(cfg, steps_per_epoch=data.steps_per_epoch(trainer.world_size))
+    with warnings.catch_warnings():
+        # Lightning cannot see that StepBatchSampler restarts at the checkpoint's step
+        warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch")
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    trainer.save_checkpoint(ckpt_dir / LAST_CHECKPOINT, weights_only=False)
+    if trainer.is_global_zero:
+        live.write_all(module)
+    return module
