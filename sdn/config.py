@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from sdn.errors import ConfigError
 from sdn.models.configs import DensityConfig, DisentanglementConfig
 
 PARAMS_FILE = Path("params.yaml")
@@ -26,10 +27,6 @@ POSTERIORS = ("IAF", "IsoGaussian")
 PRIORS = ("IsoGaussian",)
 OBSERVATIONS = ("DML", "DL", "Bernoulli")
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
-
-
-class ConfigError(ValueError):
-    """A bad value in `params.yaml` (or a config dict); the message names the key and the fix."""
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:

@@ -26,9 +26,10 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from sdn.config import ConfigError, ExperimentConfig, TrainConfig, build_model
+from sdn.atomic import atomic_write, write_csv_atomic, write_json_atomic
+from sdn.config import ExperimentConfig, TrainConfig, build_model
+from sdn.errors import CheckpointError, ConfigError, NonFiniteLossError, write_failure
 from sdn.models.disentanglement import beta_schedule
-from sdn.pipeline import CheckpointError, NonFiniteLossError
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -167,26 +168,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     resume load included) and names a local write failure (full disk, permissions) as such."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        from sdn.data.errors import write_failure
-
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(checkpoint, tmp)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException as error:
+        def explain(error: Exception, tmp: Path) -> CheckpointError | None:
             # torch.save reports a failed write as a RuntimeError without errno: examine the half file
             why = write_failure(error, tmp) if isinstance(error, (OSError, RuntimeError)) else None
-            tmp.unlink(missing_ok=True)  # e.g. a full disk: keep the previous checkpoint, drop the half
-            if why is not None:
-                raise CheckpointError(
-                    f"{why} while writing the checkpoint {path}: free space (or raise the limit, fix the "
-                    "permissions), then rerun the same command; the previous checkpoint is kept."
-                ) from error
-            raise
+            if why is None:
+                return None
+            return CheckpointError(
+                f"{why} while writing the checkpoint {path}: free space (or raise the limit, fix the "
+                "permissions), then rerun the same command; the previous checkpoint is kept."
+            )
+
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), explain)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return load_checkpoint_file(path)
@@ -441,7 +433,7 @@ def _dataset(lmdb_dir: Path, split: str, dataset: str):
 
 
 def _check_image_shape(dataset, cfg: ExperimentConfig, split: str) -> None:
-    from sdn.data import DatasetError
+    from sdn.errors import DatasetError
 
     expected = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     found = tuple(dataset[0][0].shape)
@@ -451,21 +443,6 @@ def _check_image_shape(dataset, cfg: ExperimentConfig, split: str) -> None:
             f"{expected} (from datasets.{cfg.dataset}.image_size/channels): fix params.yaml or re-run "
             f"dvc repro convert@{cfg.dataset}."
         )
-
-
-def write_csv_atomic(
-    rows: list[dict[str, float]], path: Path, columns: tuple[str, ...] | None = None
-) -> None:
-    import pandas as pd
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        pd.DataFrame(rows, columns=list(columns) if columns else None).to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 TRAIN_COLUMNS = ("step", "loss_bpd", "neg_elbo_bpd", "kl_bpd", "lr")
@@ -545,16 +522,7 @@ class LiveCurves(pl.Callback):
             rows = getattr(pl_module, f"{kind}_rows")
             if rows:
                 latest[kind] = {k: v for k, v in rows[-1].items() if k != "step"}
-        path = self.dir / "live.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with open(tmp, "w") as handle:
-                json.dump(latest, handle, indent=2)
-                handle.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_json_atomic(latest, self.dir / "live.json", sort_keys=False)
 
 
 def _csv_value(value: Any) -> str:

@@ -13,7 +13,6 @@ import yaml
 
 from sdn.config import (
     RANGES,
-    ConfigError,
     ExperimentConfig,
     build_model,
     build_section,
@@ -23,6 +22,7 @@ from sdn.config import (
     validate_params,
 )
 from sdn.data.sources import SOURCES, validate_datasets
+from sdn.errors import ConfigError
 from sdn.models.configs import DensityConfig, DisentanglementConfig
 
 PARAMS = load_params()

@@ -15,9 +15,9 @@ import pytorch_lightning as pl
 import yaml
 
 from sdn.config import load_params
+from sdn.errors import RegistryError
 from sdn.registry import (
     DEFAULT_RUNS,
-    RegistryError,
     check_registry,
     enabled_runs,
     generated_blocks,

@@ -7,27 +7,13 @@ serve it as uint8 (C, H, W) images with int64 labels.
 
 from typing import Any
 
-from sdn.data.errors import (
-    ChecksumError,
-    DataError,
-    DatasetError,
-    DatasetNotFoundError,
-    DownloadError,
-    LocalWriteError,
-)
 from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, inspect_dataset, open_split, read_metadata
 
 __all__ = [
     "SOURCES",
-    "ChecksumError",
-    "DataError",
-    "DatasetError",
-    "DatasetNotFoundError",
-    "DownloadError",
     "EpochSampler",
     "ImageDataModule",
     "LMDBImageDataset",
-    "LocalWriteError",
     "SplitMetadata",
     "convert_dataset",
     "download_dataset",

@@ -11,8 +11,8 @@ import pytorch_lightning as pl
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from sdn.data.errors import DatasetError, DatasetNotFoundError
 from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, convert_hint, open_split
+from sdn.errors import DatasetError, DatasetNotFoundError
 
 SPLITS = ("train", "val")
 

@@ -24,12 +24,12 @@ from typing import Any, ClassVar
 import lmdb
 import numpy as np
 
-from sdn.config import AT_LEAST_1, SEED, UNIT_OPEN, ConfigError, Range
+from sdn.config import AT_LEAST_1, SEED, UNIT_OPEN, Range
 from sdn.data import photos, sprites
 from sdn.data.download import ALGORITHMS, fetch, file_name, verify_file
-from sdn.data.errors import DatasetError, DatasetNotFoundError, local_write_error
 from sdn.data.lmdb_store import SplitMetadata, write_split
 from sdn.data.tfrecord import parse_example, read_records
+from sdn.errors import ConfigError, DatasetError, DatasetNotFoundError, local_write_error
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray]]  # (images (B, C, H, W) uint8, labels (B, K) int64)
 _REQUIRED = object()

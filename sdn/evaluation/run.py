@@ -7,7 +7,6 @@ when `trainer.progress_bar` is on.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -22,22 +21,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from sdn.atomic import write_json_atomic
 from sdn.config import ExperimentConfig
 from sdn.evaluation import samples as pictures
 from sdn.evaluation.device import experiment_device, precision_context
 from sdn.evaluation.likelihood import evaluate_density
 from sdn.training import LAST_CHECKPOINT, ShardSampler, _check_image_shape, _dataset, load_ema_model
-
-
-def write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # metrics/ is in git: leave no half-written file there
-        raise
 
 
 def _load(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, split: str):

@@ -4,7 +4,6 @@ training images, reconstructions and latent traversals. Each returns image tenso
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -12,19 +11,14 @@ import torch
 from torch import Tensor
 from torchvision.utils import save_image
 
+from sdn.atomic import atomic_write
+
 
 def save_grid(images: Tensor, path: Path, nrow: int) -> None:
     """Write images in [0, 1] as one PNG grid, `nrow` per row on a white ground (torchvision's
-    `make_grid`/`save_image`), to a temporary file that is then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        images = images.detach().float().clamp(0, 1).cpu()
-        save_image(images, tmp, nrow=nrow, padding=2, pad_value=1.0, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    `make_grid`/`save_image`), atomically."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    atomic_write(path, lambda tmp: save_image(images, tmp, nrow=nrow, padding=2, pad_value=1.0, format="png"))
 
 
 @torch.no_grad()
