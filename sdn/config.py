@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from sdn.errors import ConfigError
-from sdn.models.configs import DensityConfig, DisentanglementConfig
+from sdn.models.configs import DensityConfig, DisentanglementConfig, ladder_scales, uses_sdn
 
 PARAMS_FILE = Path("params.yaml")
 MODEL_KINDS = ("density", "disentanglement")
@@ -364,27 +364,23 @@ def _check_density(cfg: DensityConfig, where: str) -> None:
     bad = [i for i in cfg.ds_list if not 0 <= i < cfg.depth]
     _require(not bad, f"{where}.ds_list", f"layer indices {bad} lie outside 0..depth-1 (depth={cfg.depth}).")
     _require(len(set(cfg.ds_list)) == len(cfg.ds_list), f"{where}.ds_list", "contains repeated layers.")
-    uses_sdn = cfg.sdn_max_scale >= max(cfg.sdn_min_scale, 1)
-    if uses_sdn:
+    if uses_sdn(cfg):
         _require(cfg.sdn_nfeat_0 >= 1, f"{where}.sdn_nfeat_0", "SDN layers need at least 1 feature.")
         _require(cfg.sdn_num_dirs >= 1, f"{where}.sdn_num_dirs", "SDN layers need at least 1 direction.")
     # downsampling an odd map would not invert on the way down
-    pad = 2 if cfg.image_size == 28 else 0
-    scale = (cfg.image_size // 2 if cfg.downsample_first else cfg.image_size) + 2 * pad
     if cfg.downsample_first:
         _require(cfg.image_size % 2 == 0, f"{where}.downsample_first", "needs an even image size.")
-    for i in range(cfg.depth):
-        if i in cfg.ds_list and scale > 1:
-            _require(
-                scale % 2 == 0, f"{where}.ds_list", f"layer {i} would downsample an odd {scale}x{scale} map."
-            )
-            scale //= 2
+    for i, (scale, downsample) in enumerate(ladder_scales(cfg)[0]):
+        _require(
+            not downsample or scale % 2 == 0,
+            f"{where}.ds_list", f"layer {i} would downsample an odd {scale}x{scale} map.",
+        )
 
 
 def _check_disentanglement(cfg: DisentanglementConfig, where: str) -> None:
     _choice(cfg.obs_model, OBSERVATIONS, f"{where}.obs_model")
     _require(cfg.image_size == 64, f"{where}.image_size", "the β-VAE is built for 64x64 images.")
-    if any(cfg.sdn_min_scale <= s <= cfg.sdn_max_scale for s in (8, 16, 32, 64)):
+    if uses_sdn(cfg):
         _require(cfg.sdn_nfeat_0 >= 1, f"{where}.sdn_nfeat_0", "SDN layers need at least 1 feature.")
         _require(cfg.sdn_num_dirs >= 1, f"{where}.sdn_num_dirs", "SDN layers need at least 1 direction.")
 

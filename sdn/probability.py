@@ -31,6 +31,12 @@ from torch import Tensor, nn
 LOG_2PI = math.log(2.0 * math.pi)
 
 
+def bits_per_dim(nats: Tensor | float, dims: int, images: float = 1.0) -> Tensor | float:
+    """A negative log-likelihood in nats, summed over `images` images of `dims` values each
+    (C·H·W), as bits per dimension: nats / (dims · images · ln 2)."""
+    return nats / (dims * math.log(2.0) * images)
+
+
 def _at_least_float32(tensor: Tensor) -> Tensor:
     """Upcast half-precision tensors: log-likelihood tails underflow in 16 bits."""
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))

@@ -10,6 +10,7 @@ import pandas as pd
 
 from sdn.atomic import write_text_atomic
 from sdn.config import ExperimentConfig
+from sdn.models.configs import uses_sdn
 
 COLUMNS = [
     "parameters",
@@ -51,7 +52,7 @@ def summary_table(experiments: list[ExperimentConfig], metrics_root: Path) -> pd
             "experiment": name,
             "dataset": cfg.dataset,
             "model": cfg.kind,
-            "sdn": _uses_sdn(cfg),
+            "sdn": uses_sdn(cfg.model),
             "baseline_of": _baseline_of(name, experiments),
         }
         for col in COLUMNS:
@@ -63,11 +64,6 @@ def summary_table(experiments: list[ExperimentConfig], metrics_root: Path) -> pd
         rows.append(row)
     table = pd.DataFrame(rows)
     return table.dropna(axis=1, how="all") if not table.empty else table
-
-
-def _uses_sdn(cfg: ExperimentConfig) -> bool:
-    model = cfg.model
-    return model.sdn_max_scale >= max(model.sdn_min_scale, 1) and model.sdn_num_dirs > 0
 
 
 def _baseline_of(name: str, experiments: list[ExperimentConfig]) -> str:
