@@ -9,10 +9,12 @@ callers that catch the builtin keep working.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import resource
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -129,3 +131,20 @@ def local_write_error(
         f"{why} while writing {shown or path}: {fix.get(why, 'free space or raise the limit')}, then "
         f"rerun `{rerun}`. ({error})"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Naming an unknown name
+
+
+def did_you_mean(
+    name: object, known: Iterable[str], label: str = "Known", listed: Iterable[str] | None = None
+) -> str:
+    """The end of a message about an unknown `name`: the closest known name as a suggestion
+    (" Did you mean 'lr'?"), or, when none is close, the list (" Known: a, b."; `listed` when
+    given, else `known`)."""
+    known = list(known)
+    close = difflib.get_close_matches(str(name), known, n=1)
+    if close:
+        return f" Did you mean '{close[0]}'?"
+    return f" {label}: {', '.join(known if listed is None else listed) or 'none'}."

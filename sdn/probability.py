@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdn.models.configs import OBSERVATIONS, POSTERIORS, PRIORS
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -459,9 +461,8 @@ class Bernoulli(ObservationModel):
 # Factories (names as in the spec's hyper-parameters)
 # --------------------------------------------------------------------------------------------
 
-POSTERIORS = {"IAF": IAFPosterior, "IsoGaussian": IsoGaussianPosterior}
-PRIORS = {"IsoGaussian": IsoGaussianPrior}
-OBSERVATIONS = ("DML", "DL", "Bernoulli")
+_POSTERIORS = dict(zip(POSTERIORS, (IAFPosterior, IsoGaussianPosterior), strict=True))
+_PRIORS = dict(zip(PRIORS, (IsoGaussianPrior,), strict=True))
 
 
 def _unknown(kind: str, name: str, choices: Iterable[str]) -> ValueError:
@@ -470,16 +471,16 @@ def _unknown(kind: str, name: str, choices: Iterable[str]) -> ValueError:
 
 def build_posterior(name: str, z_size: int) -> nn.Module:
     """The posterior named by ``post_model``: ``"IAF"`` or ``"IsoGaussian"``."""
-    if name not in POSTERIORS:
+    if name not in _POSTERIORS:
         raise _unknown("post_model", name, POSTERIORS)
-    return POSTERIORS[name](z_size)
+    return _POSTERIORS[name](z_size)
 
 
 def build_prior(name: str, z_size: int) -> nn.Module:
     """The prior named by ``prior_model``: ``"IsoGaussian"``."""
-    if name not in PRIORS:
+    if name not in _PRIORS:
         raise _unknown("prior_model", name, PRIORS)
-    return PRIORS[name](z_size)
+    return _PRIORS[name](z_size)
 
 
 def build_observation(name: str, channels: int, mix_components: int, nbits: int) -> ObservationModel:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdn.atomic import write_text_atomic
-from sdn.errors import RegistryError
+from sdn.errors import RegistryError, did_you_mean
 
 REGISTRY = Path("pipeline.yaml")
 METRICS = Path("metrics")
@@ -81,8 +81,8 @@ def resolve_runs(
                        if exp == name or (cfg.get("dataset") == name and not cfg.get("release"))}
             if not matches:
                 datasets = sorted({cfg.get("dataset") for cfg in experiments.values()})
-                raise RegistryError(f"{name}: neither an experiment nor a dataset of params.yaml "
-                                    f"(datasets: {', '.join(datasets)}).")
+                hint = did_you_mean(name, [*datasets, *experiments], "Datasets", listed=datasets)
+                raise RegistryError(f"{name}: neither an experiment nor a dataset of params.yaml.{hint}")
             chosen |= matches
         return chosen
 

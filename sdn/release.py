@@ -40,7 +40,7 @@ from torch import Tensor
 
 from sdn.atomic import atomic_write
 from sdn.config import ExperimentConfig, TrainConfig, _check_density, build_section
-from sdn.errors import ConfigError, ReleaseCheckpointError
+from sdn.errors import ConfigError, ReleaseCheckpointError, did_you_mean
 from sdn.models.configs import DensityConfig
 from sdn.models.density import DensityVAE
 
@@ -166,8 +166,8 @@ def release_model_config(hyper_parameters: Mapping[str, Any]) -> DensityConfig:
     dataset = hyper_parameters.get("dataset")
     if dataset not in RELEASE_DATASETS:
         raise ConfigError(
-            f"hyper_parameters.dataset: {dataset!r} is not a density dataset of the release "
-            f"(known: {', '.join(RELEASE_DATASETS)})."
+            f"hyper_parameters.dataset: {dataset!r} is not a density dataset of the release."
+            + did_you_mean(dataset, RELEASE_DATASETS)
         )
     missing = [name for name in RELEASE_MODEL_ARGS if name not in hyper_parameters]
     if missing:

@@ -563,7 +563,7 @@ def test_every_numeric_field_has_a_range_and_it_is_enforced(section, cls):
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_every_numeric_dataset_setting_has_a_range(name):
     source = SOURCES[name]
-    numeric = [key for key, (types, _) in source.schema.items() if int in types or float in types]
+    numeric = [key for key, (hint, _) in source.schema.items() if _mentions_number(hint)]
     assert set(numeric) <= set(source.ranges), sorted(set(numeric) - set(source.ranges))
 
 

@@ -17,6 +17,7 @@ from sdn.errors import (
     DatasetNotFoundError,
     NonFiniteLossError,
     SDNError,
+    did_you_mean,
 )
 
 
@@ -49,3 +50,12 @@ def test_a_missing_split_raises_one_type_on_every_path(tmp_path: Path, state: st
             open_it()
         assert type(info.value) is DatasetNotFoundError, f"{reader}: {type(info.value).__name__}"
         assert "dvc repro convert@demo" in str(info.value), f"{reader}: {info.value}"
+
+
+def test_did_you_mean_suggests_the_closest_name_or_lists_them() -> None:
+    assert did_you_mean("lrr", ["batch_size", "lr"]) == " Did you mean 'lr'?"
+    assert did_you_mean("zzz", ["b", "a"], "Known keys") == " Known keys: b, a."
+    assert did_you_mean("zzz", []) == " Known: none."
+    names = ["cifar10", "sprites-sdn"]
+    assert did_you_mean("cifar1", names, listed=["cifar10"]) == " Did you mean 'cifar10'?"
+    assert did_you_mean("zzz", names, listed=["cifar10"]) == " Known: cifar10."

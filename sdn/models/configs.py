@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The choices of the models' string knobs, named as in the release's hyper-parameters.
+MODEL_KINDS = ("density", "disentanglement")
+POSTERIORS = ("IAF", "IsoGaussian")
+PRIORS = ("IsoGaussian",)
+OBSERVATIONS = ("DML", "DL", "Bernoulli")
+
 
 @dataclass
 class DensityConfig:
