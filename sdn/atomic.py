@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,3 +66,45 @@ def write_csv_atomic(
 
     table = pd.DataFrame(list(rows), columns=list(columns) if columns else None)
     return atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Folders: built whole under a temporary name, then swapped in
+
+
+def temp_dir(final: Path) -> Path:
+    """A new hidden folder beside `final` to build it in. First undoes what a killed run left
+    (see `recover_dir`). Unlike `tempfile.mkdtemp` it keeps the umask's permissions, which the
+    folder keeps once it is swapped in."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final)
+    path = final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    path.mkdir()
+    return path
+
+
+def replace_dir(built: Path, final: Path) -> None:
+    """Swap the complete folder `built` in as `final`: the old `final` is renamed away, `built`
+    renamed in, then the old one deleted. Only between the two renames is there no `final`, and
+    `recover_dir` puts the old one back if a kill lands there."""
+    old = _old_dir(final)
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(built, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> None:
+    """Undo what a killed run left beside `final`: its half-built folders, or the old `final`
+    renamed away by a swap cut short."""
+    for partial in final.parent.glob(f".{final.name}.*.tmp"):
+        shutil.rmtree(partial, ignore_errors=True)
+    old = _old_dir(final)
+    if old.exists() and not final.exists():
+        os.replace(old, final)
+
+
+def _old_dir(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")

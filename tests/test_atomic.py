@@ -4,12 +4,21 @@ failure leaves no temporary file behind."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from sdn.atomic import atomic_write, write_csv_atomic, write_json_atomic, write_text_atomic
+from sdn.atomic import (
+    atomic_write,
+    replace_dir,
+    temp_dir,
+    write_csv_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 class DiskFull(OSError):
@@ -79,3 +88,27 @@ def test_a_kill_leaves_a_temporary_file_the_next_write_replaces(tmp_path: Path) 
     write_text_atomic("new\n", path)
     assert path.read_text() == "new\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_a_folder_is_swapped_in_whole(tmp_path: Path) -> None:
+    final = tmp_path / "raw"
+    for contents in ("first", "second"):
+        built = temp_dir(final)
+        assert built.parent == tmp_path and built.name.startswith(".raw.") and built.name.endswith(".tmp")
+        (built / "info.json").write_text(contents)
+        replace_dir(built, final)
+        assert (final / "info.json").read_text() == contents
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(final.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
+
+
+def test_a_swap_killed_between_its_renames_is_undone_by_the_next_run(tmp_path: Path) -> None:
+    final = tmp_path / "samples"
+    (tmp_path / ".samples.old").mkdir()  # the old folder, renamed away
+    (tmp_path / ".samples.old" / "a.png").write_text("old picture")
+    (tmp_path / ".samples.99-0badf00d.tmp").mkdir()  # the new one, never renamed in
+    built = temp_dir(final)
+    assert (final / "a.png").read_text() == "old picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [built.name, "samples"]

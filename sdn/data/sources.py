@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import re
-import secrets
 import shutil
 import tarfile
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +22,7 @@ from typing import Any, ClassVar
 import lmdb
 import numpy as np
 
+from sdn.atomic import replace_dir, temp_dir
 from sdn.config import AT_LEAST_1, SEED, UNIT_OPEN, Range, check_value, missing_key, reject_unknown, type_ok
 from sdn.data import photos, sprites
 from sdn.data.download import ALGORITHMS, fetch, file_name, verify_file
@@ -395,28 +394,6 @@ def _write_arrays(raw_dir: Path, arrays: dict[str, np.ndarray], info: dict[str, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def temp_dir(final: Path) -> Path:
-    """A new hidden folder next to `final` to build it in; clears those left by killed runs."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    path = final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    path.mkdir()  # unlike tempfile.mkdtemp, keeps the umask's permissions for the final folder
-    return path
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete directory `tmp` to `final`, replacing any old one."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old.tmp")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
 
 
 class _OfflineSource(Source):

@@ -8,9 +8,7 @@ when `trainer.progress_bar` is on.
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from sdn.atomic import write_json_atomic
+from sdn.atomic import recover_dir, replace_dir, temp_dir, write_json_atomic
 from sdn.config import ExperimentConfig
 from sdn.evaluation import samples as pictures
 from sdn.evaluation.device import experiment_device, precision_context
@@ -126,28 +124,6 @@ def disentanglement_scores(
 # Pictures
 
 
-def _swap_in(built: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by the folder `built`: rename the old one away, the new one in, then
-    delete the old one. Only between the two renames is there no `out_dir`, and
-    `_recover` puts the old one back if a kill lands there."""
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(built, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _recover(out_dir: Path) -> None:
-    """Undo what a killed run left: its half-built folders, or an old folder renamed away."""
-    for partial in out_dir.parent.glob(f".{out_dir.name}.tmp*"):
-        shutil.rmtree(partial, ignore_errors=True)
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if old.exists() and not out_dir.exists():
-        os.replace(old, out_dir)
-
-
 @torch.no_grad()
 def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out_dir: Path) -> list[Path]:
     """Sample grids at each temperature (the first is the run's sampling temperature), plus
@@ -159,7 +135,7 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
     midway leaves the previous ones, and grids of temperatures no longer configured go."""
     model, val, device = _load(cfg, lmdb_dir, ckpt_dir, "val")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _recover(out_dir)
+    recover_dir(out_dir)
     sc = cfg.sample
     n = sc.grid
     first = next(iter(DataLoader(val, batch_size=max(4, n))))[0]
@@ -195,14 +171,14 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
             ("traversals.png", 8, lambda: pictures.traversals(model, x[:1])),
         ]
 
-    built = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    built = temp_dir(out_dir)
     try:
         progress = tqdm(pictures_to_draw, desc="sample", unit="picture", disable=not cfg.trainer.progress_bar)
         for name, nrow, draw in progress:
             with precision_context(cfg.trainer.precision, device):
                 images = draw()
             pictures.save_grid(images, built / name, nrow)
-        _swap_in(built, out_dir)
+        replace_dir(built, out_dir)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise
