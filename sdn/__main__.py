@@ -36,9 +36,9 @@ def info(name: str) -> dict:
 def pipeline_command(action: str, names: list[str]) -> int:
     """Edit or show the registry of enabled runs (pipeline.yaml and dvc.yaml's generated blocks)."""
     from sdn.config import load_params
+    from sdn.errors import RegistryError
     from sdn.registry import (
         DEFAULT_RUNS,
-        RegistryError,
         check_registry,
         enabled_runs,
         rebuilt_by_make,
@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline.add_argument("names", nargs="*", metavar="dataset|experiment")
     args = parser.parse_args(argv)
 
-    from sdn.config import ConfigError
-    from sdn.data import DataError
-    from sdn.registry import RegistryError
+    from sdn.errors import SDNError
 
     try:
         if args.command == "pipeline":
@@ -114,16 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "readme":
             from pathlib import Path
 
+            from sdn.atomic import write_text_atomic
             from sdn.summary import with_results
 
             readme = Path("README.md")
-            readme.write_text(with_results(readme.read_text(), Path("metrics/summary.md").read_text()))
+            summary = Path("metrics/summary.md").read_text()
+            write_text_atomic(with_results(readme.read_text(), summary), readme)
             return 0
         else:
             from sdn.data import inspect_dataset
 
             result = inspect_dataset(args.dataset, args.data_root)
-    except (ConfigError, DataError, FileNotFoundError, RegistryError) as err:
+    except (SDNError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

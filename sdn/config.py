@@ -8,28 +8,31 @@ expected.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import types
 import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from sdn.models.configs import DensityConfig, DisentanglementConfig
+from sdn.errors import ConfigError, did_you_mean
+from sdn.models.configs import (
+    MODEL_KINDS,
+    OBSERVATIONS,
+    POSTERIORS,
+    PRIORS,
+    DensityConfig,
+    DisentanglementConfig,
+    ladder_scales,
+    uses_sdn,
+)
 
 PARAMS_FILE = Path("params.yaml")
-MODEL_KINDS = ("density", "disentanglement")
-POSTERIORS = ("IAF", "IsoGaussian")
-PRIORS = ("IsoGaussian",)
-OBSERVATIONS = ("DML", "DL", "Bernoulli")
+INITS = ("orthogonal", "default")
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
-
-
-class ConfigError(ValueError):
-    """A bad value in `params.yaml` (or a config dict); the message names the key and the fix."""
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -51,8 +54,8 @@ def dataset_config(params: dict[str, Any], name: str) -> dict[str, Any]:
     """The `datasets.<name>` section, or an error listing the datasets that exist."""
     datasets = params.get("datasets") or {}
     if name not in datasets:
-        known = ", ".join(sorted(datasets)) or "none"
-        raise ConfigError(f"datasets.{name}: no such dataset in params.yaml (known: {known}).")
+        hint = did_you_mean(name, sorted(datasets))
+        raise ConfigError(f"datasets.{name}: no such dataset in params.yaml.{hint}")
     return datasets[name]
 
 
@@ -280,6 +283,12 @@ RANGES: dict[type, dict[str, Range | None]] = {
         "beta_rate": Range(0, 1, low_open=True),
     },
 }
+# The keys of params.yaml, and of an experiment.
+SECTIONS = ("datasets", "experiments", "trainer")
+EXPERIMENT_KEYS = (
+    "baseline", "dataset", "evaluate", "model", "opt_in", "release", "reported", "sample", "seed", "train",
+    "trainer",
+)
 # The numbers of an experiment outside its sections.
 EXPERIMENT_RANGES = {"seed": SEED, "reported": NON_NEGATIVE}
 
@@ -288,15 +297,17 @@ EXPERIMENT_RANGES = {"seed": SEED, "reported": NON_NEGATIVE}
 # Generic checking of a mapping against a dataclass
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
+def type_ok(value: Any, hint: Any) -> bool:
+    """Whether `value` (as YAML gives it) is of the type `hint`: `bool` is no number, an int is a
+    float, `X | None` admits null and `list[X]` checks every item."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+        return any(type_ok(value, arg) for arg in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if origin is list:
         (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+        return isinstance(value, list) and all(type_ok(v, item) for v in value)
     if origin is dict:
         return isinstance(value, dict)
     if hint is float:
@@ -314,6 +325,26 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint)) if typing.get_origin(hint) is None else str(hint)
 
 
+def reject_unknown(given: Iterable[Any], known: Sequence[str], where: str, what: str = "unknown key") -> None:
+    """Raise a ConfigError naming the first key of `given` not in `known` (`where.key`), with the
+    closest known key or the list of them."""
+    for key in given:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: {what}.{did_you_mean(key, known, 'Known keys')}")
+
+
+def missing_key(key: str, hint: Any) -> ConfigError:
+    return ConfigError(f"{key}: missing; it is required ({_describe(hint)}).")
+
+
+def check_value(value: Any, hint: Any, key: str, allowed: Range | None = None) -> None:
+    """Raise a ConfigError naming `key` unless `value` is of type `hint` and in range `allowed`."""
+    if not type_ok(value, hint):
+        raise ConfigError(f"{key}: expected {_describe(hint)}, got {type(value).__name__} {value!r}.")
+    if allowed is not None:
+        allowed.check(value, key)
+
+
 def build_section(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
     """Instantiate dataclass `cls` from mapping `data`, rejecting unknown keys and wrong types."""
     if data is None:
@@ -325,10 +356,7 @@ def build_section(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) 
     for key in data:
         if key in skip:
             raise ConfigError(f"{where}.{key}: set by the dataset, not here (datasets.<name>.{key}).")
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(names)}."
-            raise ConfigError(f"{where}.{key}: unknown key.{hint}")
+    reject_unknown(data, names, where)
     values = {}
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name not in data:
@@ -337,17 +365,12 @@ def build_section(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) 
                 and f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING
             ):
-                raise ConfigError(f"{where}.{f.name}: missing; it is required ({_describe(hints[f.name])}).")
+                raise missing_key(f"{where}.{f.name}", hints[f.name])
             continue
         value = data[f.name]
         if hints[f.name] is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not _type_ok(value, hints[f.name]):
-            found = f"{type(value).__name__} {value!r}"
-            raise ConfigError(f"{where}.{f.name}: expected {_describe(hints[f.name])}, got {found}.")
-        allowed = RANGES.get(cls, {}).get(f.name)
-        if allowed is not None:
-            allowed.check(value, f"{where}.{f.name}")
+        check_value(value, hints[f.name], f"{where}.{f.name}", RANGES.get(cls, {}).get(f.name))
         values[f.name] = value
     return values
 
@@ -369,27 +392,23 @@ def _check_density(cfg: DensityConfig, where: str) -> None:
     bad = [i for i in cfg.ds_list if not 0 <= i < cfg.depth]
     _require(not bad, f"{where}.ds_list", f"layer indices {bad} lie outside 0..depth-1 (depth={cfg.depth}).")
     _require(len(set(cfg.ds_list)) == len(cfg.ds_list), f"{where}.ds_list", "contains repeated layers.")
-    uses_sdn = cfg.sdn_max_scale >= max(cfg.sdn_min_scale, 1)
-    if uses_sdn:
+    if uses_sdn(cfg):
         _require(cfg.sdn_nfeat_0 >= 1, f"{where}.sdn_nfeat_0", "SDN layers need at least 1 feature.")
         _require(cfg.sdn_num_dirs >= 1, f"{where}.sdn_num_dirs", "SDN layers need at least 1 direction.")
     # downsampling an odd map would not invert on the way down
-    pad = 2 if cfg.image_size == 28 else 0
-    scale = (cfg.image_size // 2 if cfg.downsample_first else cfg.image_size) + 2 * pad
     if cfg.downsample_first:
         _require(cfg.image_size % 2 == 0, f"{where}.downsample_first", "needs an even image size.")
-    for i in range(cfg.depth):
-        if i in cfg.ds_list and scale > 1:
-            _require(
-                scale % 2 == 0, f"{where}.ds_list", f"layer {i} would downsample an odd {scale}x{scale} map."
-            )
-            scale //= 2
+    for i, (scale, downsample) in enumerate(ladder_scales(cfg)[0]):
+        _require(
+            not downsample or scale % 2 == 0,
+            f"{where}.ds_list", f"layer {i} would downsample an odd {scale}x{scale} map.",
+        )
 
 
 def _check_disentanglement(cfg: DisentanglementConfig, where: str) -> None:
     _choice(cfg.obs_model, OBSERVATIONS, f"{where}.obs_model")
     _require(cfg.image_size == 64, f"{where}.image_size", "the β-VAE is built for 64x64 images.")
-    if any(cfg.sdn_min_scale <= s <= cfg.sdn_max_scale for s in (8, 16, 32, 64)):
+    if uses_sdn(cfg):
         _require(cfg.sdn_nfeat_0 >= 1, f"{where}.sdn_nfeat_0", "SDN layers need at least 1 feature.")
         _require(cfg.sdn_num_dirs >= 1, f"{where}.sdn_num_dirs", "SDN layers need at least 1 direction.")
 
@@ -429,22 +448,12 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     """Validate and assemble `experiments.<name>` (with the global `trainer:` defaults)."""
     experiments = params.get("experiments") or {}
     if name not in experiments:
-        close = difflib.get_close_matches(name, list(experiments), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else f" Known: {', '.join(sorted(experiments))}."
+        hint = did_you_mean(name, sorted(experiments))
         raise ConfigError(f"experiments.{name}: no such experiment in params.yaml.{hint}")
     where = f"experiments.{name}"
     raw = experiments[name]
     _require(isinstance(raw, dict), where, "expected a mapping.")
-    allowed = {
-        "dataset", "seed", "model", "trainer", "train", "evaluate", "sample", "reported", "baseline",
-        "opt_in",
-    }
-    allowed.add("release")
-    for key in raw:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(allowed))}."
-            raise ConfigError(f"{where}.{key}: unknown key.{hint}")
+    reject_unknown(raw, EXPERIMENT_KEYS, where)
     for key in ("dataset", "seed", "model"):
         _require(key in raw, f"{where}.{key}", "missing; it is required.")
     dataset = raw["dataset"]
@@ -479,7 +488,7 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     _choice(str(trainer.precision), PRECISIONS, f"{where}.trainer.precision")
 
     train = TrainConfig(**build_section(TrainConfig, raw.get("train"), f"{where}.train"))
-    _choice(train.init, ("orthogonal", "default"), f"{where}.train.init")
+    _choice(train.init, INITS, f"{where}.train.init")
 
     evaluate = EvaluateConfig(**build_section(EvaluateConfig, raw.get("evaluate"), f"{where}.evaluate"))
     _check_disentanglement_sizes(evaluate, f"{where}.evaluate")
@@ -553,11 +562,9 @@ def validate_params(params: dict[str, Any]) -> list[ExperimentConfig]:
     settings (URLs, checksums, generation knobs) are checked by `sdn.data.sources.validate_datasets`,
     which the data stages run: the stages downstream of the data read only a dataset's shape and
     flips (checked here), and so neither import nor depend on the data sources."""
-    allowed = {"datasets", "experiments", "trainer"}
     for key in params:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else f" Known: {', '.join(sorted(allowed))}."
+        if key not in SECTIONS:
+            hint = did_you_mean(key, SECTIONS)
             raise ConfigError(f"{key}: unknown top-level section in params.yaml.{hint}")
     datasets = params.get("datasets") or {}
     _require(isinstance(datasets, dict), "datasets", "expected a mapping of dataset name to settings.")

@@ -26,14 +26,6 @@ def metrics_dir(experiment: str) -> Path:
     return METRICS / experiment
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: damaged, or made with another configuration."""
-
-
 def _one_line(error: BaseException) -> str:
     """The error's message on one line. An error raised in a DataLoader worker arrives wrapped,
     with the worker's traceback in its message: keep only the original message."""
@@ -50,9 +42,7 @@ def run_stage(main: Callable[..., None], usage: str) -> None:
     (bad parameters or data, a missing input, a local write failure, a damaged checkpoint, a
     diverged run) ends with one `error:` line on stderr and exit status 1; anything else is a bug
     and keeps its traceback."""
-    from sdn.config import ConfigError
-    from sdn.data import DataError
-    from sdn.data.errors import write_failure
+    from sdn.errors import SDNError, write_failure
 
     takes_name = "<" in usage
     args = sys.argv[1:]
@@ -65,7 +55,7 @@ def run_stage(main: Callable[..., None], usage: str) -> None:
         sys.exit(f"usage: {usage}  (--help: what it does and writes)")
     try:
         main(*args)
-    except (ConfigError, DataError, FileNotFoundError, NonFiniteLossError, CheckpointError) as err:
+    except (SDNError, FileNotFoundError) as err:
         sys.exit(f"error: {_one_line(err)}")
     except OSError as err:
         why = write_failure(err, err.filename or ".")

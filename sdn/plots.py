@@ -6,11 +6,11 @@ Pillow from the committed val.csv files (the picture the README shows; `make plo
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sdn.atomic import atomic_write
 from sdn.registry import COMPARED, METRICS, comparison_groups
 
 PANEL_W, PANEL_H, MARGIN = 420, 260, 58
@@ -74,8 +74,4 @@ def draw_comparison(params: dict, runs: dict[str, str], out: Path, metrics: Path
     for r, panels in enumerate(rows):
         for c, panel in enumerate(panels):
             sheet.paste(panel, (c * PANEL_W, r * PANEL_H))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, lambda tmp: sheet.save(tmp, format="PNG"))

@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdn.models.configs import OBSERVATIONS, POSTERIORS, PRIORS
+
 LOG_2PI = math.log(2.0 * math.pi)
+
+
+def bits_per_dim(nats: Tensor | float, dims: int, images: float = 1.0) -> Tensor | float:
+    """A negative log-likelihood in nats, summed over `images` images of `dims` values each
+    (C·H·W), as bits per dimension: nats / (dims · images · ln 2)."""
+    return nats / (dims * math.log(2.0) * images)
 
 
 def _at_least_float32(tensor: Tensor) -> Tensor:
@@ -453,9 +461,8 @@ class Bernoulli(ObservationModel):
 # Factories (names as in the release's hyper-parameters)
 # --------------------------------------------------------------------------------------------
 
-POSTERIORS = {"IAF": IAFPosterior, "IsoGaussian": IsoGaussianPosterior}
-PRIORS = {"IsoGaussian": IsoGaussianPrior}
-OBSERVATIONS = ("DML", "DL", "Bernoulli")
+_POSTERIORS = dict(zip(POSTERIORS, (IAFPosterior, IsoGaussianPosterior), strict=True))
+_PRIORS = dict(zip(PRIORS, (IsoGaussianPrior,), strict=True))
 
 
 def _unknown(kind: str, name: str, choices: Iterable[str]) -> ValueError:
@@ -464,16 +471,16 @@ def _unknown(kind: str, name: str, choices: Iterable[str]) -> ValueError:
 
 def build_posterior(name: str, z_size: int) -> nn.Module:
     """The posterior named by ``post_model``: ``"IAF"`` or ``"IsoGaussian"``."""
-    if name not in POSTERIORS:
+    if name not in _POSTERIORS:
         raise _unknown("post_model", name, POSTERIORS)
-    return POSTERIORS[name](z_size)
+    return _POSTERIORS[name](z_size)
 
 
 def build_prior(name: str, z_size: int) -> nn.Module:
     """The prior named by ``prior_model``: ``"IsoGaussian"``."""
-    if name not in PRIORS:
+    if name not in _PRIORS:
         raise _unknown("prior_model", name, PRIORS)
-    return PRIORS[name](z_size)
+    return _PRIORS[name](z_size)
 
 
 def build_observation(name: str, channels: int, mix_components: int, nbits: int) -> ObservationModel:

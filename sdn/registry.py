@@ -10,8 +10,10 @@ generated blocks of dvc.yaml (the summary's inputs, the SDN-vs-CNN comparison pl
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from sdn.atomic import write_text_atomic
+from sdn.errors import RegistryError, did_you_mean
 
 REGISTRY = Path("pipeline.yaml")
 METRICS = Path("metrics")
@@ -24,10 +26,6 @@ REGISTRY_HEADER = """\
 # defined in params.yaml. Written by `python -m sdn pipeline enable|disable <dataset|experiment>`
 # (`make <dataset>` enables a dataset): commit it with the results it produced.
 """
-
-
-class RegistryError(ValueError):
-    """pipeline.yaml or dvc.yaml's generated blocks are missing, malformed or out of date."""
 
 
 def enabled_runs(root: Path = Path(".")) -> dict[str, str]:
@@ -85,8 +83,8 @@ def resolve_runs(
                                           and not cfg.get("opt_in"))}
             if not matches:
                 datasets = sorted({cfg.get("dataset") for cfg in experiments.values()})
-                raise RegistryError(f"{name}: neither an experiment nor a dataset of params.yaml "
-                                    f"(datasets: {', '.join(datasets)}).")
+                hint = did_you_mean(name, [*datasets, *experiments], "Datasets", listed=datasets)
+                raise RegistryError(f"{name}: neither an experiment nor a dataset of params.yaml.{hint}")
             chosen |= matches
         return chosen
 
@@ -155,18 +153,12 @@ def with_blocks(text: str, blocks: dict[str, list[str]], path: Path = DVC_YAML) 
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_registry(params: dict, runs: dict[str, str], root: Path = Path(".")) -> None:
     """Write pipeline.yaml and the generated blocks of dvc.yaml for `runs`."""
     dvc_yaml = root / DVC_YAML
     new_dvc = with_blocks(dvc_yaml.read_text(), generated_blocks(params, runs), dvc_yaml)
-    _write_atomic(root / REGISTRY, registry_text(runs, imported_runs(params)))
-    _write_atomic(dvc_yaml, new_dvc)
+    write_text_atomic(registry_text(runs, imported_runs(params)), root / REGISTRY)
+    write_text_atomic(new_dvc, dvc_yaml)
 
 
 def check_registry(params: dict, root: Path = Path(".")) -> dict[str, str]:

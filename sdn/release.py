@@ -28,7 +28,6 @@ parts once; both generations are read):
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from collections.abc import Mapping
@@ -39,10 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdn.config import ConfigError, ExperimentConfig, TrainConfig, _check_density, build_section
+from sdn.atomic import atomic_write
+from sdn.config import ExperimentConfig, TrainConfig, _check_density, build_section
+from sdn.errors import ConfigError, ReleaseCheckpointError, did_you_mean
 from sdn.models.configs import DensityConfig
 from sdn.models.density import DensityVAE
-from sdn.pipeline import CheckpointError
 
 # The release's `get_dataset_specifications`: (image_size, channels) of each density dataset.
 RELEASE_DATASETS = {"CIFAR10": (32, 3), "ImageNet32": (32, 3), "CelebAHQ256": (256, 3)}
@@ -54,10 +54,6 @@ RELEASE_MODEL_ARGS = (
 )
 EMA_PREFIX = "ema.shadow_params."
 OLD_SDN_NAMES = (".sdn.pre_cnn.", ".sdn.sdn_update_network.", ".sdn.post_cnn.")
-
-
-class ReleaseCheckpointError(CheckpointError):
-    """A file that is not a checkpoint of the release's trainer, or not one this project can map."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,8 +166,8 @@ def release_model_config(hyper_parameters: Mapping[str, Any]) -> DensityConfig:
     dataset = hyper_parameters.get("dataset")
     if dataset not in RELEASE_DATASETS:
         raise ConfigError(
-            f"hyper_parameters.dataset: {dataset!r} is not a density dataset of the release "
-            f"(known: {', '.join(RELEASE_DATASETS)})."
+            f"hyper_parameters.dataset: {dataset!r} is not a density dataset of the release."
+            + did_you_mean(dataset, RELEASE_DATASETS)
         )
     missing = [name for name in RELEASE_MODEL_ARGS if name not in hyper_parameters]
     if missing:
@@ -363,7 +359,7 @@ def import_release(cfg: ExperimentConfig, raw_root: Path, ckpt_dir: Path) -> Pat
     """Verify the hand-placed checkpoint, check it against `experiments.<name>.model`, and write
     `ckpt_dir/last.ckpt` in the form the evaluate and sample stages load (weights only)."""
     from sdn.data.download import fetch
-    from sdn.data.errors import DownloadError
+    from sdn.errors import DownloadError
     from sdn.training import LAST_CHECKPOINT, config_fingerprint
 
     source = release_source(cfg, raw_root)
@@ -409,14 +405,7 @@ def import_release(cfg: ExperimentConfig, raw_root: Path, ckpt_dir: Path) -> Pat
         "sdn_experiment": cfg.name,
         "sdn_release": {"url": release.url, "sha256": release.sha256, "file": release.file, **weights.info},
     }
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(target, lambda tmp: torch.save(checkpoint, tmp))
     print(f"[sdn] {cfg.name}: imported {source} (epoch {weights.info['epoch']}, step "
           f"{weights.info['global_step']}, {'EMA' if weights.uses_ema else 'raw'} weights) into {target}")
     return target

@@ -3,7 +3,8 @@
 Writes data/checkpoints/<experiment>/last.ckpt and metrics/<experiment>/{train,val}.csv.
 """
 
-from sdn.config import ConfigError, experiment_config, load_params, validate_params
+from sdn.config import experiment_config, load_params, validate_params
+from sdn.errors import ConfigError
 from sdn.pipeline import checkpoint_dir, lmdb_dir, metrics_dir, run_stage
 from sdn.training import train_experiment
 

@@ -13,7 +13,6 @@ import yaml
 
 from sdn.config import (
     RANGES,
-    ConfigError,
     ExperimentConfig,
     build_model,
     build_section,
@@ -23,6 +22,7 @@ from sdn.config import (
     validate_params,
 )
 from sdn.data.sources import SOURCES, validate_datasets
+from sdn.errors import ConfigError
 from sdn.models.configs import DensityConfig, DisentanglementConfig
 from sdn.training import VAEModule, config_fingerprint
 
@@ -583,7 +583,7 @@ def test_every_numeric_field_has_a_range_and_it_is_enforced(section, cls):
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_every_numeric_dataset_setting_has_a_range(name):
     source = SOURCES[name]
-    numeric = [key for key, (types, _) in source.schema.items() if int in types or float in types]
+    numeric = [key for key, (hint, _) in source.schema.items() if _mentions_number(hint)]
     assert set(numeric) <= set(source.ranges), sorted(set(numeric) - set(source.ranges))
 
 

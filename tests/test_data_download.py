@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdn.data import ChecksumError, DatasetError, DatasetNotFoundError, DownloadError, convert_dataset
+from sdn.data import convert_dataset
 from sdn.data.download import fetch
 from sdn.data.tfrecord import crc32c, mask_crc, parse_example, read_records
+from sdn.errors import ChecksumError, DatasetError, DatasetNotFoundError, DownloadError
 
 # --- a loopback file server ----------------------------------------------------------------------
 

@@ -18,8 +18,6 @@ import torch
 import yaml
 
 from sdn.data import (
-    DatasetError,
-    DatasetNotFoundError,
     ImageDataModule,
     LMDBImageDataset,
     SplitMetadata,
@@ -29,6 +27,7 @@ from sdn.data import (
     read_metadata,
 )
 from sdn.data.lmdb_store import META_KEY, record_key, write_split
+from sdn.errors import DatasetError, DatasetNotFoundError
 
 REPO = Path(__file__).resolve().parents[1]
 SPRITES = {

@@ -14,10 +14,10 @@ import pytest
 import pytorch_lightning as pl
 import yaml
 
-from sdn.config import ConfigError, experiment_config, load_params
+from sdn.config import experiment_config, load_params
+from sdn.errors import ConfigError, RegistryError
 from sdn.registry import (
     DEFAULT_RUNS,
-    RegistryError,
     check_registry,
     enabled_runs,
     generated_blocks,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdn.config import ConfigError
+from sdn.errors import ConfigError
 from sdn.evaluation.device import autocast_dtype, precision_context, select_device
 from sdn.evaluation.run import evaluate_experiment, sample_experiment
 from sdn.models.density import DensityVAE

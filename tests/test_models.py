@@ -22,9 +22,9 @@ from sdn.__main__ import main as sdn_main
 from sdn.config import TrainConfig, build_model, experiment_config, load_params
 from sdn.layers import ResSDNLayer, SDNLayer
 from sdn.models.configs import DensityConfig, DisentanglementConfig
-from sdn.models.density import DensityVAE, bits_per_dim
+from sdn.models.density import DensityVAE
 from sdn.models.disentanglement import DisentanglementVAE, beta_schedule
-from sdn.probability import MaskedConv2d
+from sdn.probability import MaskedConv2d, bits_per_dim
 from sdn.training import StepBatchSampler, VAEModule, count_parameters, prepare_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -475,6 +475,8 @@ def test_free_bits_zero_leaves_the_kl_unchanged():
 
 def test_bits_per_dim():
     assert bits_per_dim(3 * 8 * 8 * math.log(2.0) * 2.5, 3 * 8 * 8) == pytest.approx(2.5)
+    # a sum over 4 images gives their mean
+    assert bits_per_dim(4 * 3 * 8 * 8 * math.log(2.0) * 2.5, 3 * 8 * 8, images=4) == pytest.approx(2.5)
 
 
 # ---------------------------------------------------------------------------------------------

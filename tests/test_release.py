@@ -18,14 +18,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from sdn.config import ConfigError, experiment_config, load_params
-from sdn.data.errors import ChecksumError
-from sdn.release import (
-    ReleaseCheckpointError,
-    import_release,
-    load_release_checkpoint,
-    read_release_checkpoint,
-)
+from sdn.config import experiment_config, load_params
+from sdn.errors import ChecksumError, ConfigError, ReleaseCheckpointError
+from sdn.release import import_release, load_release_checkpoint, read_release_checkpoint
 from sdn.training import LAST_CHECKPOINT, load_ema_model
 
 ROOT = Path(__file__).resolve().parents[1]

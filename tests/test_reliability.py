@@ -40,10 +40,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from sdn.config import ExperimentConfig, experiment_config, load_params
-from sdn.data import DataError, DatasetError, convert_dataset, download_dataset, read_metadata
+from sdn.data import convert_dataset, download_dataset, read_metadata
 from sdn.data.lmdb_store import SplitMetadata, write_split
+from sdn.errors import CheckpointError, DataError, DatasetError, NonFiniteLossError
 from sdn.evaluation.run import evaluate_experiment
-from sdn.pipeline import CheckpointError, NonFiniteLossError
 from sdn.training import (
     LAST_CHECKPOINT,
     AtomicCheckpointIO,

@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from sdn.atomic import recover_dir
 from sdn.evaluation import samples as pictures
-from sdn.evaluation.run import _recover, sample_experiment
+from sdn.evaluation.run import sample_experiment
 from tests.evaluation_workdir import REPO, EvaluationWorkdir, micro_experiment, write_params
 
 NAME = "photos32-cnn"
@@ -188,7 +189,7 @@ def test_recover_puts_back_a_folder_renamed_away_by_a_killed_swap(tmp_path: Path
     old = tmp_path / ".samples.old"
     old.mkdir()
     (old / "samples_t1.png").write_bytes(b"old picture")
-    (tmp_path / ".samples.tmpab12").mkdir()  # the new folder, never swapped in
-    _recover(out)
+    (tmp_path / ".samples.4242-ab12cd34.tmp").mkdir()  # the new folder, never swapped in
+    recover_dir(out)
     assert (out / "samples_t1.png").read_bytes() == b"old picture"
     assert leftovers(tmp_path) == []

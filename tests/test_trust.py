@@ -24,16 +24,9 @@ import numpy as np
 import pytest
 import torch
 
-from sdn.data import (
-    ChecksumError,
-    DatasetError,
-    ImageDataModule,
-    LMDBImageDataset,
-    convert_dataset,
-    inspect_dataset,
-)
+from sdn.data import ImageDataModule, LMDBImageDataset, convert_dataset, inspect_dataset
 from sdn.data.lmdb_store import SplitMetadata, write_split
-from sdn.pipeline import CheckpointError
+from sdn.errors import CheckpointError, ChecksumError, DatasetError
 from sdn.training import LAST_CHECKPOINT, AtomicCheckpointIO, load_ema_model
 from tests.pipeline_project import Project
 from tests.test_data_download import FileServer, serving
@@ -200,7 +193,8 @@ def _truncate(split: Path) -> None:
 READERS = {
     "inspect": [sys.executable, "-m", "sdn", "inspect", "photos32"],
     "datamodule": [sys.executable, "-c", textwrap.dedent("""
-        from sdn.data import DataError, ImageDataModule
+        from sdn.data import ImageDataModule
+        from sdn.errors import DataError
         try:
             module = ImageDataModule("data/lmdb/photos32", batch_size=4)
             for _ in module.val_dataloader():
@@ -308,7 +302,7 @@ def test_file_size_limit_during_download_is_named_and_not_retried(server: FileSe
     server.files["/big.bin"] = payload
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from sdn.data import DataError
+        from sdn.errors import DataError
         from sdn.data.download import fetch
         try:
             fetch({server.url("/big.bin")!r}, Path("raw/big.bin"), "md5",

@@ -8,26 +8,12 @@ sampling read their data.
 
 from typing import Any
 
-from sdn.data.errors import (
-    ChecksumError,
-    DataError,
-    DatasetError,
-    DatasetNotFoundError,
-    DownloadError,
-    LocalWriteError,
-)
 from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, inspect_dataset, open_split, read_metadata
 
 __all__ = [
     "SOURCES",
-    "ChecksumError",
-    "DataError",
-    "DatasetError",
-    "DatasetNotFoundError",
-    "DownloadError",
     "ImageDataModule",
     "LMDBImageDataset",
-    "LocalWriteError",
     "SplitMetadata",
     "convert_dataset",
     "download_dataset",

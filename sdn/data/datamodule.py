@@ -23,9 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from sdn.config import ConfigError
-from sdn.data.errors import DatasetError
 from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, convert_hint, open_split
+from sdn.errors import ConfigError, DatasetError
 
 if TYPE_CHECKING:
     from sdn.config import ExperimentConfig

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from sdn.data.errors import ChecksumError, DownloadError, local_write_error
+from sdn.errors import ChecksumError, DownloadError, local_write_error
 
 ALGORITHMS = ("md5", "sha256")
 _CHUNK = 1 << 20

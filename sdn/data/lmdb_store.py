@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from sdn.data.errors import DatasetError, DatasetNotFoundError
+from sdn.errors import DatasetError, DatasetNotFoundError
 
 META_KEY = b"__meta__"
 FORMAT = "sdn-lmdb-images"

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import re
-import secrets
 import shutil
 import tarfile
 from collections.abc import Callable, Iterator, Mapping
@@ -24,12 +22,13 @@ from typing import Any, ClassVar
 import lmdb
 import numpy as np
 
-from sdn.config import AT_LEAST_1, SEED, UNIT_OPEN, ConfigError, Range
+from sdn.atomic import replace_dir, temp_dir
+from sdn.config import AT_LEAST_1, SEED, UNIT_OPEN, Range, check_value, missing_key, reject_unknown, type_ok
 from sdn.data import photos, sprites
 from sdn.data.download import ALGORITHMS, fetch, file_name, verify_file
-from sdn.data.errors import DatasetError, DatasetNotFoundError, local_write_error
 from sdn.data.lmdb_store import SplitMetadata, write_split
 from sdn.data.tfrecord import parse_example, read_records
+from sdn.errors import ConfigError, DatasetError, DatasetNotFoundError, did_you_mean, local_write_error
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray]]  # (images (B, C, H, W) uint8, labels (B, K) int64)
 _REQUIRED = object()
@@ -54,20 +53,14 @@ class DatasetContent:
     label_values: dict[str, list[Any]] = field(default_factory=dict)
 
 
-def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool) and bool not in types:
-        return False  # YAML's `yes` is not a count
-    return isinstance(value, types)
-
-
 class Source:
     """Base of the dataset sources: validated settings (`datasets.<name>` in params.yaml)."""
 
-    # key -> (accepted types, default or _REQUIRED)
-    schema: ClassVar[dict[str, tuple[tuple[type, ...], Any]]] = {
-        "image_size": ((int,), _REQUIRED),
-        "channels": ((int,), _REQUIRED),
-        "flip": ((bool,), False),
+    # key -> (its type, as `sdn.config.type_ok` reads it; default or _REQUIRED)
+    schema: ClassVar[dict[str, tuple[Any, Any]]] = {
+        "image_size": (int, _REQUIRED),
+        "channels": (int, _REQUIRED),
+        "flip": (bool, False),
     }
     # The range of every numeric setting (tests/test_config.py fails for one without a range).
     ranges: ClassVar[dict[str, Range]] = {"image_size": AT_LEAST_1, "channels": Range(3, 3)}
@@ -77,29 +70,20 @@ class Source:
         if not isinstance(cfg, Mapping):
             raise ConfigError(f"datasets.{name}: expected a mapping of settings, got {type(cfg).__name__}.")
         self.given = set(cfg)
-        unknown = sorted(self.given - set(self.schema))
-        if unknown:
-            raise ConfigError(
-                f"datasets.{name}.{unknown[0]}: unknown setting for this dataset "
-                f"(known: {', '.join(self.schema)})."
-            )
+        where = f"datasets.{name}"
+        reject_unknown(cfg, list(self.schema), where, "unknown setting for this dataset")
         self.cfg: dict[str, Any] = {}
-        for key, (types, default) in self.schema.items():
-            if key not in cfg:
-                if default is _REQUIRED:
-                    raise ConfigError(f"datasets.{name}.{key}: missing (expected {self._names(types)}).")
-                self.cfg[key] = default
-            elif not _type_ok(cfg[key], types):
-                raise ConfigError(f"datasets.{name}.{key}: expected {self._names(types)}, got {cfg[key]!r}.")
-            else:
+        for key, (hint, default) in self.schema.items():
+            if key in cfg:
+                check_value(cfg[key], hint, f"{where}.{key}")
                 self.cfg[key] = cfg[key]
+            elif default is _REQUIRED:
+                raise missing_key(f"{where}.{key}", hint)
+            else:
+                self.cfg[key] = default
             if key in self.ranges:
-                self.ranges[key].check(self.cfg[key], f"datasets.{name}.{key}")
+                self.ranges[key].check(self.cfg[key], f"{where}.{key}")
         self.check()
-
-    @staticmethod
-    def _names(types: tuple[type, ...]) -> str:
-        return " or ".join("null" if t is type(None) else t.__name__ for t in types)
 
     def _require(self, ok: bool, key: str, why: str) -> None:
         if not ok:
@@ -134,9 +118,9 @@ class RemoteSource(Source):
 
     schema = {
         **Source.schema,
-        "url": ((str,), _REQUIRED),
-        "md5": ((str, type(None)), None),
-        "sha256": ((str, type(None)), None),
+        "url": (str, _REQUIRED),
+        "md5": (str | None, None),
+        "sha256": (str | None, None),
     }
 
     def check(self) -> None:
@@ -345,7 +329,7 @@ def _val_mask(count: int, fraction: float, seed: int) -> np.ndarray:
 
 
 # Settings of a validation split drawn at random (3dshapes, sprites).
-_HELD_OUT = {"val_fraction": ((float, int), 0.1), "seed": ((int,), 0)}
+_HELD_OUT = {"val_fraction": (float, 0.1), "seed": (int, 0)}
 _HELD_OUT_RANGES = {"val_fraction": UNIT_OPEN, "seed": SEED}
 
 
@@ -353,7 +337,7 @@ class Shapes3DSource(RemoteSource):
     """DeepMind's 3dshapes.h5: 'images' (N, 64, 64, 3) uint8 and 'labels' (N, 6) factor values."""
 
     FACTORS = ("floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation")
-    schema = {**RemoteSource.schema, **_HELD_OUT, "train_includes_val": ((bool,), True)}
+    schema = {**RemoteSource.schema, **_HELD_OUT, "train_includes_val": (bool, True)}
     ranges = {**RemoteSource.ranges, **_HELD_OUT_RANGES}
 
     def read(self, raw_dir: Path) -> DatasetContent:
@@ -412,28 +396,6 @@ def _write_arrays(raw_dir: Path, arrays: dict[str, np.ndarray], info: dict[str, 
         raise
 
 
-def temp_dir(final: Path) -> Path:
-    """A new hidden folder next to `final` to build it in; clears those left by killed runs."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    path = final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    path.mkdir()  # unlike tempfile.mkdtemp, keeps the umask's permissions for the final folder
-    return path
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete directory `tmp` to `final`, replacing any old one."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old.tmp")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-
-
 class _OfflineSource(Source):
     """A dataset built from installed packages; its raw folder records the settings it used."""
 
@@ -460,10 +422,10 @@ class Photos32Source(_OfflineSource):
 
     schema = {
         **Source.schema,
-        "photos": ((list,), _REQUIRED),
-        "val_photos": ((list,), _REQUIRED),
-        "stride": ((int,), _REQUIRED),
-        "reductions": ((list,), [1]),
+        "photos": (list, _REQUIRED),
+        "val_photos": (list, _REQUIRED),
+        "stride": (int, _REQUIRED),
+        "reductions": (list, [1]),
     }
     ranges = {**Source.ranges, "stride": AT_LEAST_1, "reductions": AT_LEAST_1}
     generator_keys = ("photos", "image_size", "stride", "reductions")
@@ -485,7 +447,7 @@ class Photos32Source(_OfflineSource):
             "must be some, but not all, of `photos`",
         )
         self._require(
-            bool(self.cfg["reductions"]) and all(_type_ok(r, (int,)) for r in self.cfg["reductions"]),
+            bool(self.cfg["reductions"]) and all(type_ok(r, int) for r in self.cfg["reductions"]),
             "reductions",
             "must be a list of integer factors >= 1",
         )
@@ -523,8 +485,8 @@ class SpritesSource(_OfflineSource):
     schema = {
         **Source.schema,
         **_HELD_OUT,
-        "count": ((int, type(None)), None),
-        "factors": ((dict,), _REQUIRED),
+        "count": (int | None, None),
+        "factors": (dict, _REQUIRED),
     }
     # factors: the number of values of each factor
     ranges = {**Source.ranges, **_HELD_OUT_RANGES, "count": Range(2), "factors": AT_LEAST_1}
@@ -594,9 +556,8 @@ def validate_datasets(params: Mapping[str, Any]) -> None:
 def make_source(name: str, cfg: Mapping[str, Any] | None) -> Source:
     """The validated source of dataset `name` (its `datasets.<name>` settings)."""
     if name not in SOURCES:
-        raise ConfigError(
-            f"datasets.{name}: no data source is implemented for it (known: {', '.join(SOURCES)})."
-        )
+        hint = did_you_mean(name, SOURCES)
+        raise ConfigError(f"datasets.{name}: no data source is implemented for it.{hint}")
     return SOURCES[name](name, cfg)
 
 

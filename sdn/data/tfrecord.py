@@ -15,7 +15,7 @@ from typing import Any
 
 import google_crc32c
 
-from sdn.data.errors import DatasetError
+from sdn.errors import DatasetError
 
 _MASK_DELTA = 0xA282EAD8
 _HEADER = 12  # length (8) + its CRC (4)

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
-from sdn.config import ConfigError, TrainerConfig
+from sdn.config import TrainerConfig
+from sdn.errors import ConfigError
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 ACCELERATORS = ("auto", "cpu", *GPU_ACCELERATORS)

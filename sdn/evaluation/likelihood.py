@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from sdn.probability import bits_per_dim
+
 ElboOutput = Tensor | dict[str, Tensor]
 ElboFn = Callable[[Tensor], ElboOutput]
 
@@ -160,13 +162,12 @@ def evaluate_density(
     if kls and len(kls) != len(elbos):
         raise ValueError("elbo_fn returned 'kl' for some batches but not for others.")
 
-    bits_per_nat = 1.0 / (dims_per_image * math.log(2))
     costs_in_nats = {"elbo_bpd": -torch.cat(elbos), "nll_bpd": -torch.cat(log_likelihoods)}
     if kls:
         costs_in_nats["kl_bpd"] = torch.cat(kls)
     results: dict[str, float | int] = {}
     for key, nats in costs_in_nats.items():
-        mean, se = _mean_and_se(nats * bits_per_nat)
+        mean, se = _mean_and_se(bits_per_dim(nats, dims_per_image))
         results[key] = mean
         results[f"{key}_se"] = se
     results["num_images"] = num_images

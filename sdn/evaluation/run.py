@@ -7,11 +7,8 @@ when `trainer.progress_bar` is on.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from sdn.atomic import recover_dir, replace_dir, temp_dir, write_json_atomic
 from sdn.config import ExperimentConfig
 from sdn.data.datamodule import ImageDataModule
 from sdn.evaluation import samples as pictures
@@ -29,17 +27,6 @@ from sdn.evaluation.device import experiment_device, precision_context
 from sdn.evaluation.likelihood import evaluate_density
 from sdn.evaluation.spectrum import nyquist_share
 from sdn.training import LAST_CHECKPOINT, load_ema_model
-
-
-def write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # metrics/ is in git: leave no half-written file there
-        raise
 
 
 def _load(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path):
@@ -166,28 +153,6 @@ def disentanglement_scores(
 # Pictures
 
 
-def _swap_in(built: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by the folder `built`: rename the old one away, the new one in, then
-    delete the old one. Only between the two renames is there no `out_dir`, and
-    `_recover` puts the old one back if a kill lands there."""
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(built, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _recover(out_dir: Path) -> None:
-    """Undo what a killed run left: its half-built folders, or an old folder renamed away."""
-    for partial in out_dir.parent.glob(f".{out_dir.name}.tmp*"):
-        shutil.rmtree(partial, ignore_errors=True)
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if old.exists() and not out_dir.exists():
-        os.replace(old, out_dir)
-
-
 @torch.no_grad()
 def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out_dir: Path) -> list[Path]:
     """Sample grids at each temperature (the first is the run's sampling temperature), plus
@@ -199,19 +164,19 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
     midway leaves the previous ones, and grids of temperatures no longer configured go."""
     model, data, device = _load(cfg, lmdb_dir, ckpt_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _recover(out_dir)
+    recover_dir(out_dir)
     first = next(iter(DataLoader(data.dataset("val"), batch_size=max(4, cfg.sample.grid))))[0]
     pictures_to_draw = _pictures_to_draw(cfg, model, model.obs.preprocess(first.to(device)), data)
     scale = pictures.upscale_factor(cfg.model.image_size)
 
-    built = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    built = temp_dir(out_dir)
     try:
         progress = tqdm(pictures_to_draw, desc="sample", unit="picture", disable=not cfg.trainer.progress_bar)
         for file_name, nrow, title, draw in progress:
             with precision_context(cfg.trainer.precision, device):
                 images = draw()
             pictures.save_grid(images, built / file_name, nrow, title, scale)
-        _swap_in(built, out_dir)
+        replace_dir(built, out_dir)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise

@@ -5,7 +5,6 @@ training images, reconstructions and latent traversals. Each returns image tenso
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
+
+from sdn.atomic import atomic_write
 
 # Pictures are enlarged so that each image is at least this many pixels on a side (nearest
 # neighbour, an integer factor of at least 3): a 32x32 sample shown at its own size cannot be judged.
@@ -49,16 +50,9 @@ def grid_picture(images: Tensor, nrow: int, title: str | None = None, scale: int
 
 
 def save_grid(images: Tensor, path: Path, nrow: int, title: str | None = None, scale: int = 1) -> None:
-    """Write images in [0, 1] as one PNG grid (`grid_picture`) to a temporary file that is then
-    renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        grid_picture(images, nrow, title, scale).save(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write images in [0, 1] as one PNG grid (`grid_picture`), atomically."""
+    picture = grid_picture(images, nrow, title, scale)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="png"))
 
 
 @torch.no_grad()

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The choices of the models' string knobs, named as in the release's hyper-parameters.
+MODEL_KINDS = ("density", "disentanglement")
+POSTERIORS = ("IAF", "IsoGaussian")
+PRIORS = ("IsoGaussian",)
+OBSERVATIONS = ("DML", "DL", "Bernoulli")
+
 
 @dataclass
 class DensityConfig:
@@ -46,3 +52,57 @@ class DisentanglementConfig:
     nbits: int = 8
     beta_final: float = 1.0
     beta_rate: float = 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: the one place that says at which scale each layer works and which layers are SDN
+
+
+# The β-VAE decoder's stages after its 4×4 reshape each double the map: their output scales.
+BETA_VAE_SCALES = (8, 16, 32, 64)
+
+
+def input_padding(image_size: int) -> int:
+    """Zero padding on each side of the density ladder's maps: 28×28 images (MNIST's size) work at
+    32×32, as released, so that they halve evenly down the ladder."""
+    return 2 if image_size == 28 else 0
+
+
+def conv_geometry(resample: bool) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of a convolution that halves (or, transposed, doubles) its map
+    when `resample`, else keeps its size."""
+    return (4, 2, 1) if resample else (3, 1, 1)
+
+
+def ladder_scales(cfg: DensityConfig) -> tuple[list[tuple[int, bool]], int]:
+    """(scale, whether it downsamples) of each ladder layer, bottom to top, and the scale of the
+    top. The bottom scale is the first layer's output (halved with `downsample_first`) padded as
+    `input_padding` says; a layer of `ds_list` halves its map unless it is already 1×1."""
+    first = cfg.image_size // 2 if cfg.downsample_first else cfg.image_size
+    scale = first + 2 * input_padding(cfg.image_size)
+    layers = []
+    for i in range(cfg.depth):
+        downsample = i in cfg.ds_list and scale > 1
+        layers.append((scale, downsample))
+        if downsample:
+            scale //= 2
+    return layers, scale
+
+
+def uses_sdn_at(cfg: DensityConfig | DisentanglementConfig, scale: int) -> bool:
+    """Whether the layer working at `scale`×`scale` is an SDN layer (else a convolution)."""
+    return cfg.sdn_min_scale <= scale <= cfg.sdn_max_scale
+
+
+def last_layer_uses_sdn(cfg: DensityConfig) -> bool:
+    """Whether the density model's last (output) layer is an SDN layer: as released, whenever
+    `sdn_max_scale` reaches the image size, whatever `sdn_min_scale` says."""
+    return cfg.sdn_max_scale >= cfg.image_size
+
+
+def uses_sdn(cfg: DensityConfig | DisentanglementConfig) -> bool:
+    """Whether any layer of the model is an SDN layer (a CNN baseline has none)."""
+    if isinstance(cfg, DensityConfig):
+        layers, _ = ladder_scales(cfg)
+        return last_layer_uses_sdn(cfg) or any(uses_sdn_at(cfg, scale) for scale, _ in layers)
+    return any(uses_sdn_at(cfg, scale) for scale in BETA_VAE_SCALES)

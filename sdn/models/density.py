@@ -6,7 +6,6 @@ already in the observation model's data space (`model.obs.preprocess(uint8_image
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdn.layers import DirectionCycle, ResSDNLayer
-from sdn.models.configs import DensityConfig
+from sdn.models.configs import (
+    DensityConfig,
+    conv_geometry,
+    input_padding,
+    ladder_scales,
+    last_layer_uses_sdn,
+    uses_sdn_at,
+)
 from sdn.probability import build_observation, build_posterior, build_prior
 
 
@@ -46,7 +52,7 @@ class LadderLayer(nn.Module):
         q_size, p_size = self.posterior.num_params, self.prior.num_params
         self.up_sizes = [h, q_size]
         self.down_sizes = [h, q_size, p_size]
-        k, s, p = (4, 2, 1) if plan.downsample else (3, 1, 1)
+        k, s, p = conv_geometry(plan.downsample)
 
         self.up_a = nn.Conv2d(h, h + q_size, k, s, p)
         self.up_b = nn.Conv2d(h, 2 * h, 3, 1, 1)
@@ -98,22 +104,17 @@ class LadderLayer(nn.Module):
 
 def plan_ladder(cfg: DensityConfig, directions: DirectionCycle) -> tuple[list[LayerPlan], int]:
     """Scales, SDN use, features and directions of each ladder layer (bottom to top)."""
-    pad = 2 if cfg.image_size == 28 else 0
-    # the first layer's output, then the zero padding that 28x28 images get
-    scale = (cfg.image_size // 2 if cfg.downsample_first else cfg.image_size) + 2 * pad
+    layers, top_scale = ladder_scales(cfg)
     feats = cfg.sdn_nfeat_0
     plans = []
-    for i in range(cfg.depth):
-        downsample = i in cfg.ds_list and scale > 1
-        use_sdn = cfg.sdn_min_scale <= scale <= cfg.sdn_max_scale
+    for scale, downsample in layers:
+        use_sdn = uses_sdn_at(cfg, scale)
         dirs_a = directions.take(cfg.sdn_num_dirs) if use_sdn else None
         dirs_b = directions.take(cfg.sdn_num_dirs) if use_sdn else None
         plans.append(LayerPlan(scale, downsample, use_sdn, feats if use_sdn else None, dirs_a, dirs_b))
-        if downsample:
-            scale = max(1, scale // 2)
-            if use_sdn:
-                feats = max(50, feats - cfg.sdn_nfeat_diff)
-    return plans, scale
+        if downsample and use_sdn:
+            feats = max(50, feats - cfg.sdn_nfeat_diff)
+    return plans, top_scale
 
 
 class DensityVAE(nn.Module):
@@ -138,14 +139,14 @@ class DensityVAE(nn.Module):
         self.cfg = cfg
         self.obs = build_observation(cfg.obs_model, cfg.channels, cfg.mix_components, cfg.nbits)
         directions = DirectionCycle()
-        self.pad = 2 if cfg.image_size == 28 else 0
-        k, s, p = (4, 2, 1) if cfg.downsample_first else (3, 1, 1)
+        self.pad = input_padding(cfg.image_size)
+        k, s, p = conv_geometry(cfg.downsample_first)
         self.first_layer = nn.Conv2d(cfg.channels, cfg.h_size, k, s, p)
         self.plans, self.top_scale = plan_ladder(cfg, directions)
         self.ladder = nn.ModuleList(LadderLayer(cfg, plan) for plan in self.plans)
         self.top = nn.Parameter(torch.zeros(cfg.h_size))
         out_channels = self.obs.num_params(cfg.channels)
-        self.last_uses_sdn = cfg.sdn_max_scale >= cfg.image_size
+        self.last_uses_sdn = last_layer_uses_sdn(cfg)
         if self.last_uses_sdn:
             self.last_layer = ResSDNLayer(
                 cfg.h_size,
@@ -284,7 +285,3 @@ class DensityVAE(nn.Module):
             last["directions"] = [c.direction for c in self.last_layer.sdn.corrections]
         return {"ladder": layers, "last_layer": last, "top_scale": self.top_scale}
 
-
-def bits_per_dim(nats: Tensor | float, dims: int) -> Tensor | float:
-    """Convert a per-image negative log-likelihood in nats to bits per dimension."""
-    return nats / (dims * math.log(2.0))

@@ -6,11 +6,11 @@ import torch
 from torch import Tensor, nn
 
 from sdn.layers import DirectionCycle, SDNLayer
-from sdn.models.configs import DisentanglementConfig
+from sdn.models.configs import BETA_VAE_SCALES, DisentanglementConfig, uses_sdn_at
 from sdn.probability import build_observation
 
 # Decoder stages after the 4×4 reshape: (in channels, out channels, output scale).
-_STAGES = ((64, 64, 8), (64, 32, 16), (32, 32, 32), (32, None, 64))
+_STAGES = tuple(zip((64, 64, 32, 32), (64, 32, 32, None), BETA_VAE_SCALES, strict=True))
 
 
 class DisentanglementVAE(nn.Module):
@@ -58,7 +58,7 @@ class DisentanglementVAE(nn.Module):
         self.stage_uses_sdn = []
         for in_ch, out_ch, scale in _STAGES:
             out_ch = out_ch or self.obs.num_params(cfg.channels)
-            use_sdn = cfg.sdn_min_scale <= scale <= cfg.sdn_max_scale
+            use_sdn = uses_sdn_at(cfg, scale)
             self.stage_uses_sdn.append(use_sdn)
             if use_sdn:
                 dirs = directions.take(cfg.sdn_num_dirs)

@@ -35,7 +35,6 @@ __all__ = [
     "prepare_model",
     "resumable_checkpoint",
     "train_experiment",
-    "write_csv_atomic",
 ]
 
 
@@ -49,7 +48,7 @@ def __getattr__(name: str) -> Any:
         from sdn.training import checkpoints
 
         return getattr(checkpoints, name)
-    if name in ("TRAIN_COLUMNS", "VAL_COLUMNS", "LiveCurves", "write_csv_atomic"):
+    if name in ("TRAIN_COLUMNS", "VAL_COLUMNS", "LiveCurves"):
         from sdn.training import curves
 
         return getattr(curves, name)

@@ -13,8 +13,9 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from sdn.atomic import atomic_write
 from sdn.config import ExperimentConfig
-from sdn.pipeline import CheckpointError
+from sdn.errors import CheckpointError, write_failure
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -48,26 +49,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     resume load included) and names a local write failure (full disk, permissions) as such."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        from sdn.data.errors import write_failure
-
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(checkpoint, tmp)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException as error:
+        def explain(error: Exception, tmp: Path) -> CheckpointError | None:
             # torch.save reports a failed write as a RuntimeError without errno: examine the half file
             why = write_failure(error, tmp) if isinstance(error, (OSError, RuntimeError)) else None
-            tmp.unlink(missing_ok=True)  # e.g. a full disk: keep the previous checkpoint, drop the half
-            if why is not None:
-                raise CheckpointError(
-                    f"{why} while writing the checkpoint {path}: free space (or raise the limit, fix the "
-                    "permissions), then rerun the same command; the previous checkpoint is kept."
-                ) from error
-            raise
+            if why is None:
+                return None
+            return CheckpointError(
+                f"{why} while writing the checkpoint {path}: free space (or raise the limit, fix the "
+                "permissions), then rerun the same command; the previous checkpoint is kept."
+            )
+
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), explain)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return load_checkpoint_file(path)

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 
+from sdn.atomic import write_csv_atomic, write_json_atomic
+
 if TYPE_CHECKING:
     from sdn.training.module import VAEModule
-
-
-def write_csv_atomic(
-    rows: list[dict[str, float]], path: Path, columns: tuple[str, ...] | None = None
-) -> None:
-    import pandas as pd
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        pd.DataFrame(rows, columns=list(columns) if columns else None).to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 TRAIN_COLUMNS = ("step", "loss_bpd", "neg_elbo_bpd", "kl_bpd", "lr")
@@ -105,16 +91,7 @@ class LiveCurves(pl.Callback):
             rows = getattr(pl_module, f"{kind}_rows")
             if rows:
                 latest[kind] = {k: v for k, v in rows[-1].items() if k != "step"}
-        path = self.dir / "live.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with open(tmp, "w") as handle:
-                json.dump(latest, handle, indent=2)
-                handle.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_json_atomic(latest, self.dir / "live.json", sort_keys=False)
 
 
 def _csv_value(value: Any) -> str:

@@ -1,15 +1,42 @@
-"""The data layer's errors: each message names the file and says what to do next."""
+"""Every error the project raises on purpose, in one hierarchy.
+
+A stage (or `python -m sdn`) ends a run that raises an `SDNError` with its message on one line:
+each message names what is wrong (the dotted params.yaml key, the file) and what to do next.
+Each class also derives from the builtin it refines (`ValueError` for bad settings,
+`RuntimeError` for failures at run time, `FileNotFoundError` for a missing stage output), so
+callers that catch the builtin keep working.
+"""
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import resource
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 
-class DataError(RuntimeError):
+class SDNError(Exception):
+    """Base class of every failure the project explains in its message."""
+
+
+# Settings
+
+
+class ConfigError(SDNError, ValueError):
+    """A bad value in `params.yaml` (or a config dict); the message names the key and the fix."""
+
+
+class RegistryError(SDNError, ValueError):
+    """pipeline.yaml or dvc.yaml's generated blocks are missing, malformed or out of date."""
+
+
+# Data
+
+
+class DataError(SDNError, RuntimeError):
     """Base class of every data failure (download, checksum, conversion, reading)."""
 
 
@@ -26,13 +53,33 @@ class DatasetError(DataError):
 
 
 class DatasetNotFoundError(DataError, FileNotFoundError):
-    """A stage output that should exist does not: the message names the DVC stage that builds it."""
+    """A stage output that should exist does not (a raw dataset, a converted split): the message
+    names the DVC stage that builds it. Every reader of a split raises this one type for a missing
+    split."""
 
 
 class LocalWriteError(DataError):
     """Writing a local file failed for a local reason (full disk, file size limit, permissions):
     retrying or downloading again cannot help."""
 
+
+# Training and checkpoints
+
+
+class NonFiniteLossError(SDNError, RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class CheckpointError(SDNError, RuntimeError):
+    """A checkpoint that cannot be used: damaged, or made with another configuration."""
+
+
+class ReleaseCheckpointError(CheckpointError):
+    """A file that is not a checkpoint of the release's trainer, or not one this project can map."""
+
+
+# --------------------------------------------------------------------------------------------
+# Naming the local cause of a failed write
 
 _REASONS = {
     errno.ENOSPC: "disk full",
@@ -84,3 +131,20 @@ def local_write_error(
         f"{why} while writing {shown or path}: {fix.get(why, 'free space or raise the limit')}, then "
         f"rerun `{rerun}`. ({error})"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Naming an unknown name
+
+
+def did_you_mean(
+    name: object, known: Iterable[str], label: str = "Known", listed: Iterable[str] | None = None
+) -> str:
+    """The end of a message about an unknown `name`: the closest known name as a suggestion
+    (" Did you mean 'lr'?"), or, when none is close, the list (" Known: a, b."; `listed` when
+    given, else `known`)."""
+    known = list(known)
+    close = difflib.get_close_matches(str(name), known, n=1)
+    if close:
+        return f" Did you mean '{close[0]}'?"
+    return f" {label}: {', '.join(known if listed is None else listed) or 'none'}."
