@@ -33,6 +33,10 @@ class RegistryError(SDNError, ValueError):
     """pipeline.yaml or dvc.yaml's generated blocks are missing, malformed or out of date."""
 
 
+class ReadmeError(SDNError, ValueError):
+    """README.md has no place for the results table (its markers are missing)."""
+
+
 # Data
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 
 from sdn.atomic import write_text_atomic
 from sdn.config import ExperimentConfig
+from sdn.errors import ReadmeError
 from sdn.models.configs import uses_sdn
 
 COLUMNS = [
@@ -150,7 +151,10 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 def with_results(readme: str, summary_md: str) -> str:
     """README text with the block between the results markers replaced by the summary table."""
     if README_START not in readme or README_END not in readme:
-        raise ValueError(f"README.md lacks the {README_START} / {README_END} markers.")
+        raise ReadmeError(
+            f"README.md lacks the {README_START} / {README_END} markers: put them, each on a line of its "
+            "own, where the results table goes, then run `python -m sdn readme` again."
+        )
     table = summary_md.split("\n", 1)[1].strip().replace("## ", "#### ")
     head, rest = readme.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
