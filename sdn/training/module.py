@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 from sdn.config import ExperimentConfig, TrainConfig, build_model
 from sdn.data.datamodule import random_flips
 from sdn.errors import CheckpointError, NonFiniteLossError
+from sdn.probability import bits_per_dim
 from sdn.training.checkpoints import config_fingerprint, load_checkpoint_file
 
 
@@ -90,16 +90,15 @@ class VAEModule(pl.LightningModule):
                 "Training stopped; the last good checkpoint is kept. Lower train.lr, set "
                 "train.gradient_clip_val, or use precision 32-true."
             )
-        scale = self.dims * math.log(2.0)
-        elbo = out["elbo"].detach().mean() / scale
-        kl = out["kl"].detach().mean() / scale
-        self.log("train/loss_bpd", loss.detach() / scale, prog_bar=True)
+        elbo = bits_per_dim(out["elbo"].detach().mean(), self.dims)
+        kl = bits_per_dim(out["kl"].detach().mean(), self.dims)
+        self.log("train/loss_bpd", bits_per_dim(loss.detach(), self.dims), prog_bar=True)
         self.log("train/elbo_bpd", -elbo)
         if self.trainer.is_global_zero and (self.global_step % self.trainer.log_every_n_steps == 0):
             if self._is_last_micro_batch(batch_idx):
                 self.train_rows.append({
                     "step": self.global_step + 1,
-                    "loss_bpd": float(loss.detach() / scale),
+                    "loss_bpd": float(bits_per_dim(loss.detach(), self.dims)),
                     "neg_elbo_bpd": float(-elbo),
                     "kl_bpd": float(kl),
                     "lr": float(self.trainer.optimizers[0].param_groups[0]["lr"]),
@@ -164,8 +163,9 @@ class VAEModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        scale = self.dims * math.log(2.0) * max(float(sums[2]), 1.0)
-        neg_elbo, kl = float(sums[0]) / scale, float(sums[1]) / scale
+        images = max(float(sums[2]), 1.0)
+        neg_elbo = bits_per_dim(float(sums[0]), self.dims, images)
+        kl = bits_per_dim(float(sums[1]), self.dims, images)
         self.log("val/neg_elbo_bpd", neg_elbo, prog_bar=True, sync_dist=False, rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self.val_rows.append({
