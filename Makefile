@@ -22,7 +22,7 @@ DATASETS := $(DEFAULT_DATASETS) $(PAPER_DATASETS)
 # `make` rebuilds the enabled runs except the opt-in showcase (an hour more: `make showcase`); the
 # summary then reads every enabled run's committed eval.json, so it is rebuilt on its own.
 all: install ## Install, then rebuild the enabled experiments (pipeline.yaml; photos32, sprites) and the summary
-	$(DVC) repro $$($(BIN)/python -m sdn pipeline targets)
+	targets="$$($(BIN)/python -m sdn pipeline targets)" && $(DVC) repro $$targets
 	$(DVC) repro --single-item summary
 	$(BIN)/python -m sdn readme
 	$(BIN)/python -m sdn plots
