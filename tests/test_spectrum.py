@@ -15,7 +15,7 @@ from sdn.evaluation import samples as pictures
 from sdn.evaluation.spectrum import nyquist_share
 
 REPO = Path(__file__).resolve().parents[1]
-DENSITY_RUNS = ("photos32-sdn", "photos32-cnn")
+DENSITY_RUNS = ("photos32-sdn", "photos32-cnn", "photos32-long-sdn", "photos32-long-cnn")
 
 
 def smooth_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
