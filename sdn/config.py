@@ -444,6 +444,58 @@ def _dataset_shape(params: dict[str, Any], dataset: str, where: str) -> tuple[in
     return cfg["image_size"], cfg["channels"], flip
 
 
+def _model_section(
+    raw: Any, where: str, image_size: int, channels: int
+) -> tuple[str, DensityConfig | DisentanglementConfig]:
+    """The model's kind and its checked hyper-parameters (image size and channels come from the
+    dataset)."""
+    _require(isinstance(raw, dict | None), where, "expected a mapping of hyper-parameters.")
+    model_raw = dict(raw or {})
+    kind = model_raw.pop("kind", None)
+    _require(kind in MODEL_KINDS, f"{where}.kind", f"expected one of {', '.join(MODEL_KINDS)}, got {kind!r}.")
+    model_cls = DensityConfig if kind == "density" else DisentanglementConfig
+    values = build_section(model_cls, model_raw, where, skip=("image_size", "channels"))
+    model = model_cls(image_size=image_size, channels=channels, **values)
+    if kind == "density":
+        _check_density(model, where)
+    else:
+        _check_disentanglement(model, where)
+    return kind, model
+
+
+def _sample_section(raw: Any, where: str, model: DensityConfig | DisentanglementConfig) -> SampleConfig:
+    """The checked `sample:` section; for a ladder, its layer counts must fit the model's depth."""
+    sample = SampleConfig(**build_section(SampleConfig, raw, where))
+    _require(bool(sample.temperatures), f"{where}.temperatures", "give at least one temperature.")
+    if isinstance(model, DensityConfig):
+        _require(
+            all(n < model.depth for n in sample.interpolation_layers),
+            f"{where}.interpolation_layers",
+            f"each is the index (from the top) of the last interpolated ladder layer: at most "
+            f"model.depth-1={model.depth - 1}, got {sample.interpolation_layers!r}.",
+        )
+        _require(
+            sample.neighbourhood_layers <= model.depth,
+            f"{where}.neighbourhood_layers",
+            f"counts ladder layers: at most model.depth={model.depth}, got {sample.neighbourhood_layers!r}.",
+        )
+    return sample
+
+
+def _reported_section(raw: Any, where: str) -> dict[str, float]:
+    """The paper's figures (`reported:`): metric name to a non-negative number."""
+    reported = raw or {}
+    _require(isinstance(reported, dict), where, "expected a mapping of metric name to number.")
+    for metric, value in reported.items():
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"{where}.{metric}",
+            f"expected a number, got {value!r}.",
+        )
+        EXPERIMENT_RANGES["reported"].check(value, f"{where}.{metric}")
+    return reported
+
+
 def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     """Validate and assemble `experiments.<name>` (with the global `trainer:` defaults)."""
     experiments = params.get("experiments") or {}
@@ -466,21 +518,7 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     EXPERIMENT_RANGES["seed"].check(raw["seed"], f"{where}.seed")
     image_size, channels, flip = _dataset_shape(params, dataset, where)
 
-    _require(
-        isinstance(raw["model"], dict | None), f"{where}.model", "expected a mapping of hyper-parameters."
-    )
-    model_raw = dict(raw["model"] or {})
-    kind = model_raw.pop("kind", None)
-    _require(
-        kind in MODEL_KINDS, f"{where}.model.kind", f"expected one of {', '.join(MODEL_KINDS)}, got {kind!r}."
-    )
-    model_cls = DensityConfig if kind == "density" else DisentanglementConfig
-    values = build_section(model_cls, model_raw, f"{where}.model", skip=("image_size", "channels"))
-    model = model_cls(image_size=image_size, channels=channels, **values)
-    if kind == "density":
-        _check_density(model, f"{where}.model")
-    else:
-        _check_disentanglement(model, f"{where}.model")
+    kind, model = _model_section(raw["model"], f"{where}.model", image_size, channels)
 
     trainer_values = build_section(TrainerConfig, params.get("trainer"), "trainer")
     trainer_values.update(build_section(TrainerConfig, raw.get("trainer"), f"{where}.trainer"))
@@ -492,30 +530,8 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
 
     evaluate = EvaluateConfig(**build_section(EvaluateConfig, raw.get("evaluate"), f"{where}.evaluate"))
     _check_disentanglement_sizes(evaluate, f"{where}.evaluate")
-    sample = SampleConfig(**build_section(SampleConfig, raw.get("sample"), f"{where}.sample"))
-    _require(bool(sample.temperatures), f"{where}.sample.temperatures", "give at least one temperature.")
-    if kind == "density":
-        _require(
-            all(n < model.depth for n in sample.interpolation_layers),
-            f"{where}.sample.interpolation_layers",
-            f"each is the index (from the top) of the last interpolated ladder layer: at most "
-            f"model.depth-1={model.depth - 1}, got {sample.interpolation_layers!r}.",
-        )
-        _require(
-            sample.neighbourhood_layers <= model.depth,
-            f"{where}.sample.neighbourhood_layers",
-            f"counts ladder layers: at most model.depth={model.depth}, got {sample.neighbourhood_layers!r}.",
-        )
-
-    reported = raw.get("reported") or {}
-    _require(isinstance(reported, dict), f"{where}.reported", "expected a mapping of metric name to number.")
-    for metric, value in reported.items():
-        _require(
-            isinstance(value, (int, float)) and not isinstance(value, bool),
-            f"{where}.reported.{metric}",
-            f"expected a number, got {value!r}.",
-        )
-        EXPERIMENT_RANGES["reported"].check(value, f"{where}.reported.{metric}")
+    sample = _sample_section(raw.get("sample"), f"{where}.sample", model)
+    reported = _reported_section(raw.get("reported"), f"{where}.reported")
     baseline = raw.get("baseline")
     if baseline is not None:
         _require(baseline in experiments, f"{where}.baseline", f"no experiment named {baseline!r}.")
