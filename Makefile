@@ -16,6 +16,14 @@ PAPER_DATASETS := cifar10 imagenet32 celebahq256 3dshapes
 DATASETS := $(DEFAULT_DATASETS) $(PAPER_DATASETS)
 
 .DEFAULT_GOAL := all
+
+# What every target that runs experiments ends with: the summary alone (it reads every enabled
+# run's committed eval.json), then the README's table and the comparison picture.
+define finish
+$(DVC) repro --single-item summary
+$(BIN)/python -m sdn readme
+$(BIN)/python -m sdn plots
+endef
 .PHONY: all help install lock test test-slow lint bench metrics diff plots summary readme showcase celebahq256-release \
 	$(DATASETS)
 
@@ -23,9 +31,7 @@ DATASETS := $(DEFAULT_DATASETS) $(PAPER_DATASETS)
 # summary then reads every enabled run's committed eval.json, so it is rebuilt on its own.
 all: install ## Install, then rebuild the enabled experiments (pipeline.yaml; photos32, sprites) and the summary
 	targets="$$($(BIN)/python -m sdn pipeline targets)" && $(DVC) repro $$targets
-	$(DVC) repro --single-item summary
-	$(BIN)/python -m sdn readme
-	$(BIN)/python -m sdn plots
+	$(finish)
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_ -]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort | \
@@ -83,26 +89,20 @@ plots: install ## Render curves, SDN-vs-CNN comparisons and sample grids (dvc_pl
 $(DATASETS): install
 	$(BIN)/python -m sdn pipeline enable $@
 	$(DVC) repro $(foreach e,$@-sdn $@-cnn,evaluate@$(e) sample@$(e))
-	$(DVC) repro --single-item summary
-	$(BIN)/python -m sdn readme
-	$(BIN)/python -m sdn plots
+	$(finish)
 
 SHOWCASE := photos32-long-sdn photos32-long-cnn
 showcase: install ## The photos32 SDN/CNN pair trained 7.5x longer (about an hour on 2 cores), then the summary
 	$(BIN)/python -m sdn pipeline enable $(SHOWCASE)
 	$(DVC) repro $(foreach e,$(SHOWCASE),evaluate@$(e) sample@$(e))
-	$(DVC) repro --single-item summary
-	$(BIN)/python -m sdn readme
-	$(BIN)/python -m sdn plots
+	$(finish)
 
 # The import runs once outside DVC first, so that a missing checkpoint ends with its one-line error.
 celebahq256-release: install ## Evaluate and sample the authors' CelebAHQ256 checkpoint (see README)
 	$(BIN)/python stages/release.py $@
 	$(BIN)/python -m sdn pipeline enable $@
 	$(DVC) repro evaluate@$@ sample@$@
-	$(DVC) repro --single-item summary
-	$(BIN)/python -m sdn readme
-	$(BIN)/python -m sdn plots
+	$(finish)
 
 readme: install ## Copy the results table of metrics/summary.md into README.md
 	$(BIN)/python -m sdn readme

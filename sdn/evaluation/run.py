@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from sdn.atomic import recover_dir, replace_dir, temp_dir, write_json_atomic
+from sdn.atomic import replace_dir, temp_dir, write_json_atomic
 from sdn.config import ExperimentConfig
 from sdn.data.datamodule import ImageDataModule
 from sdn.evaluation import samples as pictures
@@ -163,13 +163,11 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
     written, so `out_dir` always holds exactly one run's pictures: a run that fails or is killed
     midway leaves the previous ones, and grids of temperatures no longer configured go."""
     model, data, device = _load(cfg, lmdb_dir, ckpt_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(out_dir)
     first = next(iter(DataLoader(data.dataset("val"), batch_size=max(4, cfg.sample.grid))))[0]
     pictures_to_draw = _pictures_to_draw(cfg, model, model.obs.preprocess(first.to(device)), data)
     scale = pictures.upscale_factor(cfg.model.image_size)
 
-    built = temp_dir(out_dir)
+    built = temp_dir(out_dir)  # after undoing what a killed run left beside out_dir
     try:
         progress = tqdm(pictures_to_draw, desc="sample", unit="picture", disable=not cfg.trainer.progress_bar)
         for file_name, nrow, title, draw in progress:
