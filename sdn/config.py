@@ -11,7 +11,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,22 +31,70 @@ from sdn.models.configs import (
 )
 
 PARAMS_FILE = Path("params.yaml")
+# Read with params.yaml, from the same folder: the paper's runs, which no stage tracks until enabled
+# (`dvc exp show` shows the whole of params.yaml, but only the tracked keys of other files).
+PAPER_FILE = "paper.yaml"
 INITS = ("orthogonal", "default")
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    """Read `params.yaml` as a plain dict."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} not found: run stages from the repository root, where params.yaml is.")
     with path.open() as handle:
         try:
-            params = yaml.safe_load(handle)
+            data = yaml.safe_load(handle)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(params).__name__}.")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(data).__name__}.")
+    return data
+
+
+def params_files(path: str | Path = PARAMS_FILE) -> list[Path]:
+    """params.yaml and, where it exists beside it, paper.yaml."""
+    path = Path(path)
+    paper = path.parent / PAPER_FILE
+    return [path, paper] if paper.is_file() else [path]
+
+
+def defining_files(path: str | Path = PARAMS_FILE) -> dict[str, dict[str, str]]:
+    """For each section (datasets, bases, experiments), which file (its name, as dvc.yaml names it)
+    defines each entry."""
+    found: dict[str, dict[str, str]] = {section: {} for section in NAMED_SECTIONS}
+    for file in params_files(path):
+        data = _read_yaml(file)
+        for section in NAMED_SECTIONS:
+            entries = data.get(section) or {}
+            if isinstance(entries, dict):
+                for name in entries:
+                    found[section].setdefault(name, file.name)
+    return found
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """params.yaml, with paper.yaml beside it merged in, as a plain dict. A dataset, base or
+    experiment is defined in one of the two files only."""
+    files = params_files(path)
+    params = _read_yaml(files[0])
+    for extra in files[1:]:
+        data = _read_yaml(extra)
+        reject_unknown(data, NAMED_SECTIONS, extra.name, "unknown section (`trainer` is params.yaml's)")
+        for section, entries in data.items():
+            if entries is None:
+                continue
+            if not isinstance(entries, dict):
+                raise ConfigError(f"{extra.name}: {section}: expected a mapping, got {entries!r}.")
+            merged = params.setdefault(section, {}) or {}
+            if not isinstance(merged, dict):
+                raise ConfigError(f"{files[0]}: {section}: expected a mapping, got {type(merged).__name__}.")
+            twice = sorted(set(merged) & set(entries))
+            if twice:
+                raise ConfigError(f"{section}.{twice[0]}: defined in both {files[0].name} and {extra.name}; "
+                                  "keep one of them.")
+            params[section] = {**merged, **entries}
     return params
 
 
@@ -55,7 +103,7 @@ def dataset_config(params: dict[str, Any], name: str) -> dict[str, Any]:
     datasets = params.get("datasets") or {}
     if name not in datasets:
         hint = did_you_mean(name, sorted(datasets))
-        raise ConfigError(f"datasets.{name}: no such dataset in params.yaml.{hint}")
+        raise ConfigError(f"datasets.{name}: no such dataset in params.yaml or {PAPER_FILE}.{hint}")
     return datasets[name]
 
 
@@ -138,13 +186,14 @@ class ReleaseConfig:
     (placed by hand at data/raw/<experiment>/<file>, verified against `sha256`)."""
 
     url: str
-    sha256: str | None
+    sha256: str | None  # empty (null) until the file is first placed
     file: str
 
 
 @dataclass
 class ExperimentConfig:
     name: str
+    base: str  # the entry of `bases:` it extends
     dataset: str
     seed: int
     model: DensityConfig | DisentanglementConfig
@@ -283,12 +332,14 @@ RANGES: dict[type, dict[str, Range | None]] = {
         "beta_rate": Range(0, 1, low_open=True),
     },
 }
-# The keys of params.yaml, and of an experiment.
-SECTIONS = ("datasets", "experiments", "trainer")
-EXPERIMENT_KEYS = (
-    "baseline", "dataset", "evaluate", "model", "opt_in", "release", "reported", "sample", "seed", "train",
-    "trainer",
-)
+# The keys of params.yaml, of a base and of an experiment. A base holds what the runs extending it
+# share, the evaluation and sampling protocol included; an experiment, its own model, training
+# and trainer keys (each overriding the base's key by key) and what only it has.
+SECTIONS = ("datasets", "trainer", "bases", "experiments")
+NAMED_SECTIONS = ("datasets", "bases", "experiments")
+BASE_KEYS = ("dataset", "seed", "model", "train", "evaluate", "sample")
+EXPERIMENT_KEYS = ("extends", "baseline", "opt_in", "reported", "release", "model", "train", "trainer")
+OVERRIDDEN = ("model", "train")  # sections an experiment merges into its base's
 # The numbers of an experiment outside its sections.
 EXPERIMENT_RANGES = {"seed": SEED, "reported": NON_NEGATIVE}
 
@@ -345,8 +396,12 @@ def check_value(value: Any, hint: Any, key: str, allowed: Range | None = None) -
         allowed.check(value, key)
 
 
-def build_section(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
-    """Instantiate dataclass `cls` from mapping `data`, rejecting unknown keys and wrong types."""
+def build_section(
+    cls: type, data: Any, where: str, skip: tuple[str, ...] = (), partial: bool = False
+) -> dict[str, Any]:
+    """The values of mapping `data` for dataclass `cls`, rejecting unknown keys and wrong types.
+    `partial`: a part of the section (a base's or an experiment's), so required keys may be
+    missing; `skip`: keys set elsewhere (the dataset's image size), refused here, or `kind`."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -354,14 +409,15 @@ def build_section(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) 
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
     for key in data:
-        if key in skip:
+        if key in skip and key != "kind":
             raise ConfigError(f"{where}.{key}: set by the dataset, not here (datasets.<name>.{key}).")
-    reject_unknown(data, names, where)
+    reject_unknown((key for key in data if key != "kind" or "kind" not in skip), names, where)
     values = {}
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name not in data:
             if (
-                f.name not in skip
+                not partial
+                and f.name not in skip
                 and f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING
             ):
@@ -384,33 +440,33 @@ def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
     _require(value in choices, key, f"unknown value {value!r}; expected one of {', '.join(choices)}.")
 
 
-def _check_density(cfg: DensityConfig, where: str) -> None:
-    _choice(cfg.post_model, POSTERIORS, f"{where}.post_model")
-    _choice(cfg.prior_model, PRIORS, f"{where}.prior_model")
-    _choice(cfg.obs_model, OBSERVATIONS, f"{where}.obs_model")
+def _check_density(cfg: DensityConfig, at: Callable[[str], str]) -> None:
+    _choice(cfg.post_model, POSTERIORS, at("post_model"))
+    _choice(cfg.prior_model, PRIORS, at("prior_model"))
+    _choice(cfg.obs_model, OBSERVATIONS, at("obs_model"))
     # single values are in range (RANGES): what is left are checks across keys
     bad = [i for i in cfg.ds_list if not 0 <= i < cfg.depth]
-    _require(not bad, f"{where}.ds_list", f"layer indices {bad} lie outside 0..depth-1 (depth={cfg.depth}).")
-    _require(len(set(cfg.ds_list)) == len(cfg.ds_list), f"{where}.ds_list", "contains repeated layers.")
+    _require(not bad, at("ds_list"), f"layer indices {bad} lie outside 0..depth-1 (depth={cfg.depth}).")
+    _require(len(set(cfg.ds_list)) == len(cfg.ds_list), at("ds_list"), "contains repeated layers.")
     if uses_sdn(cfg):
-        _require(cfg.sdn_nfeat_0 >= 1, f"{where}.sdn_nfeat_0", "SDN layers need at least 1 feature.")
-        _require(cfg.sdn_num_dirs >= 1, f"{where}.sdn_num_dirs", "SDN layers need at least 1 direction.")
+        _require(cfg.sdn_nfeat_0 >= 1, at("sdn_nfeat_0"), "SDN layers need at least 1 feature.")
+        _require(cfg.sdn_num_dirs >= 1, at("sdn_num_dirs"), "SDN layers need at least 1 direction.")
     # downsampling an odd map would not invert on the way down
     if cfg.downsample_first:
-        _require(cfg.image_size % 2 == 0, f"{where}.downsample_first", "needs an even image size.")
+        _require(cfg.image_size % 2 == 0, at("downsample_first"), "needs an even image size.")
     for i, (scale, downsample) in enumerate(ladder_scales(cfg)[0]):
         _require(
             not downsample or scale % 2 == 0,
-            f"{where}.ds_list", f"layer {i} would downsample an odd {scale}x{scale} map.",
+            at("ds_list"), f"layer {i} would downsample an odd {scale}x{scale} map.",
         )
 
 
-def _check_disentanglement(cfg: DisentanglementConfig, where: str) -> None:
-    _choice(cfg.obs_model, OBSERVATIONS, f"{where}.obs_model")
-    _require(cfg.image_size == 64, f"{where}.image_size", "the β-VAE is built for 64x64 images.")
+def _check_disentanglement(cfg: DisentanglementConfig, at: Callable[[str], str]) -> None:
+    _choice(cfg.obs_model, OBSERVATIONS, at("obs_model"))
+    _require(cfg.image_size == 64, at("image_size"), "the β-VAE is built for 64x64 images.")
     if uses_sdn(cfg):
-        _require(cfg.sdn_nfeat_0 >= 1, f"{where}.sdn_nfeat_0", "SDN layers need at least 1 feature.")
-        _require(cfg.sdn_num_dirs >= 1, f"{where}.sdn_num_dirs", "SDN layers need at least 1 direction.")
+        _require(cfg.sdn_nfeat_0 >= 1, at("sdn_nfeat_0"), "SDN layers need at least 1 feature.")
+        _require(cfg.sdn_num_dirs >= 1, at("sdn_num_dirs"), "SDN layers need at least 1 direction.")
 
 
 def _check_disentanglement_sizes(ev: EvaluateConfig, where: str) -> None:
@@ -445,22 +501,45 @@ def _dataset_shape(params: dict[str, Any], dataset: str, where: str) -> tuple[in
 
 
 def _model_section(
-    raw: Any, where: str, image_size: int, channels: int
+    base: Any, run: Any, where: tuple[str, str], image_size: int, channels: int
 ) -> tuple[str, DensityConfig | DisentanglementConfig]:
-    """The model's kind and its checked hyper-parameters (image size and channels come from the
-    dataset)."""
-    _require(isinstance(raw, dict | None), where, "expected a mapping of hyper-parameters.")
-    model_raw = dict(raw or {})
-    kind = model_raw.pop("kind", None)
-    _require(kind in MODEL_KINDS, f"{where}.kind", f"expected one of {', '.join(MODEL_KINDS)}, got {kind!r}.")
+    """The model's kind and its checked hyper-parameters: the base's `model:` with the experiment's
+    keys over it (`where`: the two sections' dotted keys). Image size and channels come from the
+    dataset."""
+    for raw, key in zip((base, run), where, strict=True):
+        _require(isinstance(raw, dict | None), key, "expected a mapping of hyper-parameters.")
+    kind = {**(base or {}), **(run or {})}.get("kind")
+    kind_key = f"{where[1] if 'kind' in (run or {}) else where[0]}.kind"
+    _require(kind in MODEL_KINDS, kind_key, f"expected one of {', '.join(MODEL_KINDS)}, got {kind!r}.")
     model_cls = DensityConfig if kind == "density" else DisentanglementConfig
-    values = build_section(model_cls, model_raw, where, skip=("image_size", "channels"))
+    values = _merged_section(model_cls, base, run, where, skip=("image_size", "channels", "kind"))
     model = model_cls(image_size=image_size, channels=channels, **values)
+    at = _setter(base, run, where)
     if kind == "density":
-        _check_density(model, where)
+        _check_density(model, at)
     else:
-        _check_disentanglement(model, where)
+        _check_disentanglement(model, at)
     return kind, model
+
+
+def _setter(base: Any, run: Any, where: tuple[str, str]) -> Callable[[str], str]:
+    """The dotted key of a section's field where it is set: the experiment's own section, else its
+    base's (where a default applies, the experiment's)."""
+    return lambda key: f"{where[0] if key in (base or {}) and key not in (run or {}) else where[1]}.{key}"
+
+
+def _merged_section(
+    cls: type, base: Any, run: Any, where: tuple[str, str], skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A section's values: the base's, then the experiment's over them key by key, each checked
+    under its own dotted key (`where`: the base's and the experiment's section)."""
+    values = build_section(cls, base, where[0], skip=skip, partial=True)
+    values.update(build_section(cls, run, where[1], skip=skip, partial=True))
+    missing = [f for f in dataclasses.fields(cls) if f.name not in skip and f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise missing_key(f"{where[0]}.{missing[0].name}", typing.get_type_hints(cls)[missing[0].name])
+    return values
 
 
 def _sample_section(raw: Any, where: str, model: DensityConfig | DisentanglementConfig) -> SampleConfig:
@@ -496,52 +575,70 @@ def _reported_section(raw: Any, where: str) -> dict[str, float]:
     return reported
 
 
-def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
-    """Validate and assemble `experiments.<name>` (with the global `trainer:` defaults)."""
-    experiments = params.get("experiments") or {}
-    if name not in experiments:
-        hint = did_you_mean(name, sorted(experiments))
-        raise ConfigError(f"experiments.{name}: no such experiment in params.yaml.{hint}")
-    where = f"experiments.{name}"
-    raw = experiments[name]
-    _require(isinstance(raw, dict), where, "expected a mapping.")
-    reject_unknown(raw, EXPERIMENT_KEYS, where)
-    for key in ("dataset", "seed", "model"):
-        _require(key in raw, f"{where}.{key}", "missing; it is required.")
-    dataset = raw["dataset"]
-    _require(isinstance(dataset, str), f"{where}.dataset", "expected a dataset name.")
-    _require(
-        isinstance(raw["seed"], int) and not isinstance(raw["seed"], bool),
-        f"{where}.seed",
-        "expected an integer.",
-    )
-    EXPERIMENT_RANGES["seed"].check(raw["seed"], f"{where}.seed")
-    image_size, channels, flip = _dataset_shape(params, dataset, where)
+def _entry(params: dict[str, Any], section: str, name: str, what: str) -> dict[str, Any]:
+    entries = params.get(section) or {}
+    if name not in entries:
+        hint = did_you_mean(name, sorted(entries))
+        raise ConfigError(f"{section}.{name}: no such {what} in params.yaml or {PAPER_FILE}.{hint}")
+    _require(isinstance(entries[name], dict), f"{section}.{name}", "expected a mapping.")
+    return entries[name]
 
-    kind, model = _model_section(raw["model"], f"{where}.model", image_size, channels)
+
+def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
+    """Validate and assemble `experiments.<name>`: its base (`extends`) with the experiment's own
+    keys over it, and the global `trainer:` defaults."""
+    raw = _entry(params, "experiments", name, "experiment")
+    where = f"experiments.{name}"
+    for key in ("evaluate", "sample", "dataset", "seed"):
+        _require(
+            key not in raw, f"{where}.{key}",
+            f"set in the experiment's base (bases.<base>.{key}), which every run extending it shares.",
+        )
+    reject_unknown(raw, EXPERIMENT_KEYS, where)
+    _require("extends" in raw, f"{where}.extends", "missing: name the base (in `bases:`) it extends.")
+    base_name = raw["extends"]
+    _require(isinstance(base_name, str), f"{where}.extends", f"expected a base's name, got {base_name!r}.")
+    base = _entry(params, "bases", base_name, "base")
+    at = f"bases.{base_name}"
+    reject_unknown(base, BASE_KEYS, at)
+    for key in BASE_KEYS:
+        _require(key in base, f"{at}.{key}", "missing; it is required in every base (`{}`: empty section).")
+    dataset = base["dataset"]
+    _require(isinstance(dataset, str), f"{at}.dataset", "expected a dataset name.")
+    seed = base["seed"]
+    _require(isinstance(seed, int) and not isinstance(seed, bool), f"{at}.seed", "expected an integer.")
+    EXPERIMENT_RANGES["seed"].check(base["seed"], f"{at}.seed")
+    image_size, channels, flip = _dataset_shape(params, dataset, where)
+    sections = {key: (f"{at}.{key}", f"{where}.{key}") for key in OVERRIDDEN}
+
+    kind, model = _model_section(base["model"], raw.get("model"), sections["model"], image_size, channels)
 
     trainer_values = build_section(TrainerConfig, params.get("trainer"), "trainer")
     trainer_values.update(build_section(TrainerConfig, raw.get("trainer"), f"{where}.trainer"))
     trainer = TrainerConfig(**trainer_values)
-    _choice(str(trainer.precision), PRECISIONS, f"{where}.trainer.precision")
+    own_trainer = raw.get("trainer") or {}
+    _choice(str(trainer.precision), PRECISIONS,
+            f"{where}.trainer.precision" if "precision" in own_trainer else "trainer.precision")
 
-    train = TrainConfig(**build_section(TrainConfig, raw.get("train"), f"{where}.train"))
-    _choice(train.init, INITS, f"{where}.train.init")
+    train = TrainConfig(**_merged_section(TrainConfig, base["train"], raw.get("train"), sections["train"]))
+    _choice(train.init, INITS, _setter(base["train"], raw.get("train"), sections["train"])("init"))
 
-    evaluate = EvaluateConfig(**build_section(EvaluateConfig, raw.get("evaluate"), f"{where}.evaluate"))
-    _check_disentanglement_sizes(evaluate, f"{where}.evaluate")
-    sample = _sample_section(raw.get("sample"), f"{where}.sample", model)
+    evaluate = EvaluateConfig(**build_section(EvaluateConfig, base["evaluate"], f"{at}.evaluate"))
+    _check_disentanglement_sizes(evaluate, f"{at}.evaluate")
+    sample = _sample_section(base["sample"], f"{at}.sample", model)
     reported = _reported_section(raw.get("reported"), f"{where}.reported")
     baseline = raw.get("baseline")
     if baseline is not None:
+        experiments = params.get("experiments") or {}
         _require(baseline in experiments, f"{where}.baseline", f"no experiment named {baseline!r}.")
     release = _release_config(raw.get("release"), kind, f"{where}.release")
     opt_in = raw.get("opt_in", False)
     _require(isinstance(opt_in, bool), f"{where}.opt_in", f"expected true or false, got {opt_in!r}.")
     return ExperimentConfig(
         name=name,
+        base=base_name,
         dataset=dataset,
-        seed=raw["seed"],
+        seed=seed,
         model=model,
         kind=kind,
         trainer=trainer,
@@ -582,10 +679,14 @@ def validate_params(params: dict[str, Any]) -> list[ExperimentConfig]:
         if key not in SECTIONS:
             hint = did_you_mean(key, SECTIONS)
             raise ConfigError(f"{key}: unknown top-level section in params.yaml.{hint}")
-    datasets = params.get("datasets") or {}
-    _require(isinstance(datasets, dict), "datasets", "expected a mapping of dataset name to settings.")
+    for section in NAMED_SECTIONS:
+        _require(isinstance(params.get(section) or {}, dict), section, "expected a mapping of names.")
     build_section(TrainerConfig, params.get("trainer"), "trainer")
-    return [experiment_config(params, name) for name in params.get("experiments") or {}]
+    experiments = [experiment_config(params, name) for name in params.get("experiments") or {}]
+    extended = {cfg.base for cfg in experiments}
+    for name in params.get("bases") or {}:
+        _require(name in extended, f"bases.{name}", "no experiment extends it: remove it, or add one.")
+    return experiments
 
 
 def __getattr__(name: str) -> Any:

@@ -176,7 +176,7 @@ def release_model_config(hyper_parameters: Mapping[str, Any]) -> DensityConfig:
     values = build_section(DensityConfig, given, "hyper_parameters", skip=("image_size", "channels"))
     image_size, channels = RELEASE_DATASETS[dataset]
     cfg = DensityConfig(image_size=image_size, channels=channels, **values)
-    _check_density(cfg, "hyper_parameters")
+    _check_density(cfg, lambda key: f"hyper_parameters.{key}")
     if cfg.obs_model == "Bernoulli":
         # the release's Bernoulli scores [0, 1] intensities, this project's scores binarised pixels
         raise ConfigError("hyper_parameters.obs_model: the release's Bernoulli model is not supported.")

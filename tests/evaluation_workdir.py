@@ -3,7 +3,6 @@ checkpoint in the format training writes, so that no test here has to train a mo
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import yaml
 from sdn.config import ExperimentConfig, experiment_config, load_params
 from sdn.data.lmdb_store import SplitMetadata, write_split
 from sdn.training import LAST_CHECKPOINT, VAEModule, config_fingerprint
+from tests.params_tools import detach, section_of, write_params_files
 from tests.pipeline_project import micro_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,10 +28,9 @@ def micro_project_params(name: str, **sections: dict[str, Any]) -> dict[str, Any
     dataset, size, _ = DATASETS[name]
     params["datasets"][dataset]["image_size"] = size
     params["trainer"].update(accelerator="cpu", progress_bar=False)
-    experiment = copy.deepcopy(params["experiments"][name])  # unshared from its anchor
-    params["experiments"][name] = experiment
+    detach(params, name)
     for section, values in sections.items():
-        experiment.setdefault(section, {}).update(values)
+        section_of(params, name, section).update(values)
     return params
 
 
@@ -40,7 +39,8 @@ def micro_experiment(name: str, **sections: dict[str, Any]) -> ExperimentConfig:
 
 
 def write_params(root: Path, name: str, **sections: dict[str, Any]) -> None:
-    (root / "params.yaml").write_text(yaml.safe_dump(micro_project_params(name, **sections), sort_keys=False))
+    params = micro_project_params(name, **sections)
+    write_params_files(root, params, lambda data: yaml.safe_dump(data, sort_keys=False))
 
 
 class EvaluationWorkdir:

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from sdn.config import (
+    OVERRIDDEN,
     RANGES,
     ExperimentConfig,
     build_model,
@@ -25,6 +26,7 @@ from sdn.data.sources import SOURCES, validate_datasets
 from sdn.errors import ConfigError
 from sdn.models.configs import DensityConfig, DisentanglementConfig
 from sdn.training import VAEModule, config_fingerprint
+from tests.params_tools import BASE_ONLY
 
 PARAMS = load_params()
 DENSITY = "photos32-sdn"
@@ -47,7 +49,21 @@ def edited(path: tuple, value) -> dict:
 
 
 def experiment_path(name: str, *keys: str) -> tuple:
+    """Where `keys` of experiment `name` are set: its base for what only a base holds (dataset,
+    seed, evaluate, sample) and for the model and training keys it takes from the base unchanged;
+    the experiment itself otherwise."""
+    experiment = PARAMS["experiments"][name]
+    base = PARAMS["bases"][experiment["extends"]]
+    if keys and (keys[0] in BASE_ONLY or (
+        len(keys) > 1 and keys[0] in OVERRIDDEN and keys[1] in base[keys[0]]
+        and keys[1] not in experiment.get(keys[0], {})
+    )):
+        return ("bases", experiment["extends"], *keys)
     return ("experiments", name, *keys)
+
+
+def dotted(name: str, *keys: str) -> str:
+    return ".".join(experiment_path(name, *keys))
 
 
 def config_error(params: dict, name: str) -> str:
@@ -220,13 +236,12 @@ def test_unknown_key_in_global_trainer():
 )
 def test_misspelt_key_names_the_key_and_suggests(name, keys, suggestion):
     message = config_error(edited(experiment_path(name, *keys), 1), name)
-    key = ".".join(("experiments", name, *keys))
-    assert_names(message, key, "unknown key", f"Did you mean '{suggestion}'?")
+    assert_names(message, dotted(name, *keys), "unknown key", f"Did you mean '{suggestion}'?")
 
 
 def test_unknown_key_without_close_match_lists_the_known_keys():
     message = config_error(edited(experiment_path(DENSITY, "train", "zzz"), 1), DENSITY)
-    assert_names(message, f"experiments.{DENSITY}.train.zzz", "unknown key", "Known keys:", "batch_size")
+    assert_names(message, dotted(DENSITY, "train", "zzz"), "unknown key", "Known keys:", "batch_size")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,13 +273,13 @@ def test_unknown_key_without_close_match_lists_the_known_keys():
 )
 def test_wrong_type(name, keys, value, expected):
     message = config_error(edited(experiment_path(name, *keys), value), name)
-    assert_names(message, ".".join(("experiments", name, *keys)), expected)
+    assert_names(message, dotted(name, *keys), expected)
 
 
 @pytest.mark.parametrize("section", ["train", "evaluate", "sample", "trainer"])
 def test_section_must_be_a_mapping(section):
     message = config_error(edited(experiment_path(DENSITY, section), [1, 2]), DENSITY)
-    assert_names(message, f"experiments.{DENSITY}.{section}", "expected a mapping")
+    assert_names(message, dotted(DENSITY, section), "expected a mapping")
 
 
 @pytest.mark.parametrize("value", ["density", 5, [1]])
@@ -282,7 +297,7 @@ def test_experiment_must_be_a_mapping():
                                                         ("dataset", 5, "dataset name")])
 def test_wrong_type_of_experiment_field(key, value, expected):
     message = config_error(edited(experiment_path(DENSITY, key), value), DENSITY)
-    assert_names(message, f"experiments.{DENSITY}.{key}", expected)
+    assert_names(message, dotted(DENSITY, key), expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +357,7 @@ IMPOSSIBLE = [
 @pytest.mark.parametrize(("name", "keys", "value", "key", "expected"), IMPOSSIBLE)
 def test_impossible_value(name, keys, value, key, expected):
     message = config_error(edited(experiment_path(name, *keys), value), name)
-    assert_names(message, f"experiments.{name}.{'.'.join(keys[:-1] + (key,))}", expected)
+    assert_names(message, dotted(name, *keys[:-1], key), expected)
 
 
 def test_downsampling_an_odd_map():
@@ -403,10 +418,39 @@ def test_reported_must_be_a_mapping():
 # Missing keys, unknown names
 
 
-@pytest.mark.parametrize("key", ["dataset", "seed", "model"])
-def test_missing_required_key(key):
-    message = config_error(edited(experiment_path(DENSITY, key), DELETE), DENSITY)
-    assert_names(message, f"experiments.{DENSITY}.{key}", "missing", "required")
+@pytest.mark.parametrize("key", ["dataset", "seed", "model", "train", "evaluate", "sample"])
+def test_missing_required_key_of_a_base(key):
+    message = config_error(edited(("bases", "photos32", key), DELETE), DENSITY)
+    assert_names(message, f"bases.photos32.{key}", "missing", "required")
+
+
+def test_experiment_needs_a_base():
+    message = config_error(edited(("experiments", DENSITY, "extends"), DELETE), DENSITY)
+    assert_names(message, f"experiments.{DENSITY}.extends", "missing", "bases")
+    message = config_error(edited(("experiments", DENSITY, "extends"), "photos64"), DENSITY)
+    assert_names(message, "bases.photos64", "no such base", "Did you mean 'photos32'?")
+
+
+@pytest.mark.parametrize("key", ["evaluate", "sample", "dataset", "seed"])
+def test_what_a_base_shares_is_set_on_the_base(key):
+    message = config_error(edited(("experiments", DENSITY, key), {}), DENSITY)
+    assert_names(message, f"experiments.{DENSITY}.{key}", f"bases.<base>.{key}", "every run extending it")
+
+
+def test_a_name_defined_in_both_files_is_refused(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"experiments": {"x": {"extends": "a"}}}))
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump({"experiments": {"x": {"extends": "b"}}}))
+    with pytest.raises(ConfigError, match=r"^experiments\.x: defined in both params.yaml and paper.yaml"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump({"trainer": {"devices": 2}}))
+    with pytest.raises(ConfigError, match=r"^paper.yaml.trainer: unknown section"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_a_base_no_experiment_extends_is_refused():
+    params = edited(("bases", "unused"), copy.deepcopy(PARAMS["bases"]["photos32"]))
+    with pytest.raises(ConfigError, match=r"^bases\.unused: no experiment extends it"):
+        validate_params(params)
 
 
 def test_missing_required_field_of_a_section():
@@ -526,9 +570,10 @@ def _refused(params: dict) -> str:
 
 def test_the_walk_finds_the_knobs_of_every_kind():
     dotted = {".".join(path) for path in NUMERIC_KNOBS}
-    for key in ("trainer.num_workers", f"experiments.{DENSITY}.seed", "datasets.sprites.factors.hue",
-                f"experiments.{DENSITY}.sample.temperatures", f"experiments.{DENSITY}.train.val_every_steps",
-                "experiments.cifar10-sdn.reported.nll_bpd", "datasets.photos32.reductions"):
+    for key in ("trainer.num_workers", "bases.photos32.seed", "datasets.sprites.factors.hue",
+                "bases.photos32.sample.temperatures", "bases.photos32.train.val_every_steps",
+                f"experiments.{DENSITY}.model.h_size", "experiments.cifar10-sdn.reported.nll_bpd",
+                "datasets.photos32.reductions"):
         assert key in dotted
 
 
@@ -573,10 +618,11 @@ def test_every_numeric_field_has_a_range_and_it_is_enforced(section, cls):
         if allowed is None or name in ("image_size", "channels"):  # a choice; set by the dataset
             continue
         params = json.loads(json.dumps(PARAMS))
-        own = params["experiments"][experiment].setdefault(section, {})
+        path = experiment_path(experiment, section)
+        own = params[path[0]][path[1]].setdefault(section, {})
         own[name] = [-1] if typing.get_origin(hints[name]) is list else -1
         message = _refused(params)
-        key = f"experiments.{experiment}.{section}.{name}"
+        key = f"{'.'.join(path)}.{name}"
         assert message.startswith(f"{key}: ") and "must be" in message, message
 
 
@@ -607,7 +653,7 @@ def test_values_past_the_upper_bounds_and_across_keys(path, value, expected):
     params = json.loads(json.dumps(PARAMS))
     section = params
     for key in path[:-1]:
-        section = section[key]
+        section = section.setdefault(key, {})
     section[path[-1]] = value
     message = _refused(params)
     key = ".".join(path) + (".neg_elbo_bpd" if isinstance(value, dict) else "")

@@ -28,6 +28,7 @@ from sdn.models.density import DensityVAE
 from sdn.models.disentanglement import DisentanglementVAE
 from sdn.probability import DiscretizedLogistic, DiscretizedMixLogistic, MaskedConv2d
 from sdn.training import StepBatchSampler, VAEModule, count_parameters, load_ema_model, prepare_model
+from tests.params_tools import detach
 
 PARAMS = load_params()
 PAPER_PRESETS = [
@@ -238,7 +239,7 @@ def cpu_trainer(steps: int, **kwargs) -> pl.Trainer:
 
 def beta_vae_experiment():
     params = copy.deepcopy(PARAMS)
-    experiment = params["experiments"]["sprites-sdn"]
+    experiment = detach(params, "sprites-sdn")
     # the release's β-VAE observation model (the offline sprites default models with DML)
     experiment["model"] = {**experiment["model"], "z_size": 2, "sdn_nfeat_0": 4, "obs_model": "DL"}
     experiment["train"] = {**experiment["train"], "batch_size": 2, "lr": 0.01}
@@ -502,7 +503,7 @@ class StepRecorder(pl.Callback):
 def test_amp_overflow_skips_the_step_and_training_goes_on():
     params = copy.deepcopy(PARAMS)
     params["datasets"]["photos32"]["image_size"] = 8
-    experiment = params["experiments"]["photos32-sdn"]
+    experiment = detach(params, "photos32-sdn")
     experiment["model"] = {**experiment["model"], "h_size": 8, "depth": 2, "ds_list": [1], "sdn_max_scale": 8,
                            "sdn_nfeat_0": 4, "sdn_num_dirs": 1, "mix_components": 2}
     experiment["train"] = {**experiment["train"], "batch_size": 4, "lr": 0.01}

@@ -18,6 +18,7 @@ from sdn.models.configs import (
     uses_sdn_at,
 )
 from sdn.models.density import DensityVAE, plan_ladder
+from tests.params_tools import detach
 
 
 def density(**overrides) -> DensityConfig:
@@ -72,7 +73,7 @@ def test_uses_sdn_asks_every_layer(cfg, expected: bool) -> None:
 
 def test_sdn_features_are_required_only_where_a_layer_is_an_sdn_layer() -> None:
     params = load_params()
-    model = params["experiments"]["photos32-sdn"]["model"]
+    model = detach(params, "photos32-sdn")["model"]
     # photos32's ladder works at 16, 8 and 4 (it downsamples first): an SDN range of 2..3 touches no
     # layer, so it needs no SDN features
     model.update(sdn_min_scale=2, sdn_max_scale=3, sdn_nfeat_0=0)

@@ -13,6 +13,7 @@ import torch
 from sdn.config import build_model, experiment_config, load_params
 from sdn.training import prepare_model
 from tests.evaluation_workdir import REPO
+from tests.params_tools import detach
 
 SIZE = 8
 SHAPES = (
@@ -61,7 +62,7 @@ def pixel_independent_bits_per_dim(train: torch.Tensor, held_out: torch.Tensor) 
 def small_density_vae():
     params = load_params(REPO / "params.yaml")
     params["datasets"]["photos32"]["image_size"] = SIZE
-    params["experiments"]["photos32-cnn"]["model"].update(
+    detach(params, "photos32-cnn")["model"].update(
         z_size=4, h_size=16, depth=2, ds_list=[1], downsample_first=False, mix_components=2
     )
     cfg = experiment_config(params, "photos32-cnn")

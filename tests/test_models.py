@@ -26,6 +26,7 @@ from sdn.models.density import DensityVAE
 from sdn.models.disentanglement import DisentanglementVAE, beta_schedule
 from sdn.probability import MaskedConv2d, bits_per_dim
 from sdn.training import StepBatchSampler, VAEModule, count_parameters, prepare_model
+from tests.params_tools import dataset_of, detach
 
 REPO = Path(__file__).resolve().parents[1]
 CONVS = (nn.Conv2d, nn.ConvTranspose2d)
@@ -667,7 +668,7 @@ def test_iaf_masks_survive_weight_norm(conv_name, mask_type):
 def tiny_experiment(ema_coef: float = 0.7):
     params = copy.deepcopy(PARAMS)
     params["datasets"]["photos32"]["image_size"] = 8
-    experiment = params["experiments"]["photos32-sdn"]
+    experiment = detach(params, "photos32-sdn")
     experiment["model"].update(
         h_size=8, depth=2, ds_list=[1], sdn_max_scale=8, sdn_min_scale=0, sdn_nfeat_0=4, sdn_num_dirs=1,
         mix_components=2, post_model="IAF",
@@ -814,13 +815,13 @@ def test_every_experiment_has_the_pinned_size(name):
     assert count_parameters(build_on_meta(cfg, prepared=True)) == trained
 
 
-DENSITY_RUNS = [name for name, e in PARAMS["experiments"].items() if e["dataset"] in PAPER_LADDERS]
+DENSITY_RUNS = [name for name in PARAMS["experiments"] if dataset_of(PARAMS, name) in PAPER_LADDERS]
 
 
 @pytest.mark.parametrize("name", DENSITY_RUNS)
 def test_density_experiments_have_the_pinned_ladders(name):
     kind = name.rsplit("-", 1)[1]
-    run = PARAMS["experiments"][name]["dataset"]
+    run = dataset_of(PARAMS, name)
     described = build_on_meta(experiment_config(PARAMS, name)).describe()
     sdn = kind != "cnn"
     assert ladder_rows(described) == paper_rows(run, sdn)

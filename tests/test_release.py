@@ -542,10 +542,11 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path):
 def tiny_params(sha256: str | None, **model) -> dict:
     return {
         "datasets": {"tiny": {"image_size": IMAGE_SIZE, "channels": 3}},  # as the release's CIFAR10
+        "bases": {"tiny": {"dataset": "tiny", "seed": 3, "model": {"kind": "density", **CNN, **model},
+                           "train": {}, "evaluate": {}, "sample": {}}},
         "experiments": {"tiny-release": {
-            "dataset": "tiny", "seed": 3,
+            "extends": "tiny",
             "release": {"url": "https://example.org/tiny.ckpt", "sha256": sha256, "file": "Tiny.ckpt"},
-            "model": {"kind": "density", **CNN, **model},
         }},
     }
 
@@ -610,7 +611,7 @@ def test_stage_without_the_file_ends_with_one_error_line_naming_path_and_link(tm
     project = tmp_path / "project"
     project.mkdir()
     params = copy.deepcopy(load_params(ROOT / "params.yaml"))
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    (project / "params.yaml").write_text(yaml.safe_dump(params))  # the paper's runs too, in one file
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, str(ROOT / "stages" / "release.py"), "celebahq256-release"],
                             cwd=project, env=env, capture_output=True, text=True, timeout=300)
