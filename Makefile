@@ -29,7 +29,7 @@ endef
 
 # `make` rebuilds the enabled runs except the opt-in showcase (an hour more: `make showcase`); the
 # summary then reads every enabled run's committed eval.json, so it is rebuilt on its own.
-all: install ## Install, then rebuild the enabled experiments (pipeline.yaml; photos32, sprites) and the summary
+all: install ## Install, then rebuild the enabled experiments (dvc.yaml; photos32, sprites) and the summary
 	targets="$$($(BIN)/python -m sdn pipeline targets)" && $(DVC) repro $$targets
 	$(finish)
 
@@ -84,7 +84,7 @@ plots: install ## Render curves, SDN-vs-CNN comparisons and sample grids (dvc_pl
 	$(DVC) plots show
 	$(BIN)/python -m sdn plots
 
-# Enabling a dataset adds its experiments to pipeline.yaml (commit it with the results): from then on
+# Enabling a dataset adds its experiments to dvc.yaml (commit it with the results): from then on
 # `dvc repro`, `dvc status`, metrics, plots and the summary include them.
 $(DATASETS): install
 	$(BIN)/python -m sdn pipeline enable $@

@@ -34,7 +34,7 @@ def info(name: str) -> dict:
 
 
 def pipeline_command(action: str, names: list[str]) -> int:
-    """Edit or show the registry of enabled runs (pipeline.yaml and dvc.yaml's generated blocks)."""
+    """Edit or show the registry of enabled runs (dvc.yaml's generated blocks)."""
     from sdn.config import load_params
     from sdn.errors import RegistryError
     from sdn.registry import (
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("plots", help="draw metrics/comparison.png: SDN and CNN validation curves")
     pipeline = commands.add_parser(
         "pipeline",
-        help="the experiments dvc.yaml runs (pipeline.yaml): list, targets (what `make` rebuilds), "
+        help="the experiments dvc.yaml runs: list, targets (what `make` rebuilds), "
         "enable, disable, reset, sync",
     )
     pipeline.add_argument("action", choices=("list", "targets", "enable", "disable", "reset", "sync"))

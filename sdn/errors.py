@@ -30,7 +30,7 @@ class ConfigError(SDNError, ValueError):
 
 
 class RegistryError(SDNError, ValueError):
-    """pipeline.yaml or dvc.yaml's generated blocks are missing, malformed or out of date."""
+    """dvc.yaml's generated blocks (the registry of enabled runs) are missing, malformed or out of date."""
 
 
 class ReadmeError(SDNError, ValueError):

@@ -114,7 +114,11 @@ def import_closure(script: Path, root: Path) -> set[Path]:
     def handle(node: ast.AST, current: str, is_package: bool) -> None:
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.split(".")[0] == PACKAGE:
+                beside = script.parent / f"{alias.name}.py"  # the script's folder comes first on sys.path
+                if current == "__main__" and beside.is_file() and alias.name not in modules:
+                    modules[alias.name] = _Module(root, alias.name, beside)
+                    todo.append((beside, alias.name))
+                elif alias.name.split(".")[0] == PACKAGE:
                     want(alias.name)
                     request(alias.name if alias.asname else PACKAGE, None)
         elif isinstance(node, ast.ImportFrom):

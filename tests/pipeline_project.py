@@ -34,25 +34,33 @@ MICRO_SAMPLE = {"grid": 2, "temperatures": [1.0]}
 
 
 def micro_params(params: dict[str, Any]) -> dict[str, Any]:
-    """params.yaml with the default experiments and their datasets shrunk to micro size."""
+    """params.yaml with the default experiments, their bases and datasets shrunk to micro size."""
     for dataset, override in MICRO_DATASETS.items():
         params["datasets"][dataset].update(override)
     params["trainer"]["progress_bar"] = False
-    for exp in params["experiments"].values():
-        if exp["dataset"] not in MICRO_DATASETS:
+    for base in params["bases"].values():
+        if base["dataset"] not in MICRO_DATASETS:
             continue
-        model = exp["model"]
+        base["train"].update(MICRO_TRAIN)
+        base["evaluate"].update(MICRO_EVALUATE)
+        base["sample"].update(MICRO_SAMPLE)
+        if base["model"]["kind"] == "density":
+            base["sample"].update({"interpolation_layers": [1], "interpolation_steps": 2,
+                                   "neighbourhood_layers": 1, "nearest_samples": 2, "nearest_k": 2})
+    for exp in params["experiments"].values():
+        base = params["bases"][exp["extends"]]
+        if base["dataset"] not in MICRO_DATASETS:
+            continue
+        model = {**base["model"], **exp.get("model", {})}
+        own = exp.setdefault("model", {})
         if model["kind"] == "density":
             keep_cnn = {k: v for k, v in MICRO_DENSITY.items() if k != "sdn_nfeat_0" or model["sdn_nfeat_0"]}
-            model.update(keep_cnn)
+            base["model"].update({k: v for k, v in keep_cnn.items() if k not in own})
+            own.update({k: v for k, v in keep_cnn.items() if k in own})
         else:
-            model.update({"z_size": 3, "sdn_nfeat_0": 8 if model["sdn_nfeat_0"] else 0})
-        exp["train"].update(MICRO_TRAIN)
-        exp["evaluate"].update(MICRO_EVALUATE)
-        exp["sample"] = {**exp.get("sample", {}), **MICRO_SAMPLE}
-        if model["kind"] == "density":
-            exp["sample"].update({"interpolation_layers": [1], "interpolation_steps": 2,
-                                  "neighbourhood_layers": 1, "nearest_samples": 2, "nearest_k": 2})
+            base["model"]["z_size"] = 3
+            own["sdn_nfeat_0"] = 8 if model["sdn_nfeat_0"] else 0
+        exp.pop("train", None)  # the showcase's longer runs are micro runs too
     return params
 
 

@@ -189,7 +189,7 @@ def test_every_code_name_exists():
     """Backticked names that look like code (`LadderLayer.down`, `_free_bits`, `enabled_runs`) must
     occur in the code or the pipeline's files: a renamed function leaves no stale name behind."""
     code = [*(REPO / "sdn").rglob("*.py"), *(REPO / "stages").glob("*.py")]
-    files = [REPO / name for name in ("params.yaml", "dvc.yaml", "pipeline.yaml", "Makefile")]
+    files = [REPO / name for name in ("params.yaml", "paper.yaml", "dvc.yaml", "Makefile")]
     corpus = "\n".join(path.read_text() for path in code + files)
     checked, bad = 0, set()
     for page, name in mentions(r"`([A-Za-z_]\w*(?:\.\w+)*)(?:\(\))?`"):

@@ -1,9 +1,12 @@
 """The DVC side: every stage lists the project modules it imports, the registry of enabled runs
-(pipeline.yaml and dvc.yaml's generated blocks), and curves written while training runs."""
+(dvc.yaml's generated blocks), and curves written while training runs."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,8 +23,8 @@ from sdn.registry import (
     DEFAULT_RUNS,
     check_registry,
     enabled_runs,
-    generated_blocks,
     resolve_runs,
+    run_dataset,
     with_blocks,
 )
 from tests.import_closure import import_closure
@@ -108,25 +111,12 @@ def test_lazy_attributes_still_import() -> None:
 # ---- the registry of enabled runs ---------------------------------------------------------------
 
 
-def committed_runs(params: dict) -> list[str]:
-    """What pipeline.yaml enables in the repository: the defaults and the opt-in showcase runs
-    whose results are committed, in params.yaml order."""
-    showcase = {name for name, cfg in params["experiments"].items() if cfg.get("opt_in")}
-    return [name for name in params["experiments"] if name in {*DEFAULT_RUNS, *showcase}]
-
-
-def test_committed_registry_enables_the_defaults_and_the_showcase_and_matches_dvc_yaml() -> None:
-    params = load_params(REPO / "params.yaml")
-    assert check_registry(params, REPO) == {
-        name: params["experiments"][name]["dataset"] for name in committed_runs(params)
-    }
-    registry = yaml.safe_load((REPO / "pipeline.yaml").read_text())
-    assert registry["enabled_datasets"] == ["photos32", "sprites"]
-
-
 def project_copy(tmp_path: Path) -> Path:
-    for name in ("dvc.yaml", "pipeline.yaml", "params.yaml"):
+    """dvc.yaml, params.yaml and paper.yaml in `tmp_path`, the registry reset to the defaults: the
+    checkout's own registry (whatever a user enabled) is never read."""
+    for name in ("dvc.yaml", "params.yaml", "paper.yaml"):
         shutil.copy2(REPO / name, tmp_path / name)
+    sdn_pipeline(tmp_path, "reset")
     return tmp_path
 
 
@@ -138,38 +128,62 @@ def sdn_pipeline(root: Path, *args: str, check: bool = True) -> subprocess.Compl
     return result
 
 
+def test_checkout_registry_matches_its_dvc_yaml() -> None:
+    # any state a user commits: the defaults, or with paper datasets enabled
+    params = load_params(REPO / "params.yaml")
+    runs = check_registry(params, REPO)
+    assert set(DEFAULT_RUNS) <= set(runs)
+
+
+def test_reset_enables_the_defaults_in_every_stage(tmp_path: Path) -> None:
+    root = project_copy(tmp_path)
+    params = load_params(root / "params.yaml")
+    assert check_registry(params, root) == {name: run_dataset(params, name) for name in DEFAULT_RUNS}
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    in_params = {"file": "params.yaml"}
+    assert stages["download"]["foreach"] == stages["convert"]["foreach"] == {"photos32": in_params,
+                                                                             "sprites": in_params}
+    assert stages["train"]["foreach"]["photos32-cnn"] == {"dataset": "photos32", "base": "photos32",
+                                                          "file": "params.yaml"}
+    assert stages["release"]["foreach"] == {}
+    assert "vars" not in yaml.safe_load((root / "dvc.yaml").read_text())  # no `dvc exp show` columns
+
+
 def test_enable_a_dataset_adds_its_runs_and_their_summary_inputs_and_comparison(tmp_path: Path) -> None:
     root = project_copy(tmp_path)
-    before = {name: (root / name).read_text() for name in ("dvc.yaml", "pipeline.yaml")}
+    before = (root / "dvc.yaml").read_text()
     sdn_pipeline(root, "enable", "cifar10")
     runs = enabled_runs(root)
-    experiments = load_params(root / "params.yaml")["experiments"]
-    wanted = [*committed_runs(load_params(root / "params.yaml")), "cifar10-sdn", "cifar10-cnn"]
-    assert list(runs) == [name for name in experiments if name in wanted]  # params.yaml order
-    assert yaml.safe_load((root / "pipeline.yaml").read_text())["enabled_datasets"].count("cifar10") == 1
+    assert list(runs) == [*DEFAULT_RUNS, "cifar10-sdn", "cifar10-cnn"]  # params.yaml, then paper.yaml
     dvc = yaml.safe_load((root / "dvc.yaml").read_text())
-    assert "metrics/cifar10-sdn/eval.json" in dvc["stages"]["summary"]["deps"]
+    stages = dvc["stages"]
+    assert stages["download"]["foreach"]["cifar10"] == {"file": "paper.yaml"}
+    assert stages["evaluate"]["foreach"]["cifar10-sdn"] == {"dataset": "cifar10", "base": "cifar10",
+                                                            "file": "paper.yaml"}
+    assert "metrics/cifar10-sdn/eval.json" in stages["summary"]["deps"]
+    assert {"paper.yaml": ["experiments.cifar10-sdn", "bases.cifar10.dataset", "bases.cifar10.model",
+                           "experiments.cifar10-cnn"]} in stages["summary"]["params"]
     compare = [next(iter(plot)) for plot in dvc["plots"]]
     assert "compare/cifar10-sdn/neg_elbo_bpd" in compare and "compare/cifar10-sdn/kl_bpd" in compare
-    once = {name: (root / name).read_text() for name in ("dvc.yaml", "pipeline.yaml")}
+    once = (root / "dvc.yaml").read_text()
     sdn_pipeline(root, "enable", "cifar10")  # idempotent
-    assert {name: (root / name).read_text() for name in once} == once
+    assert (root / "dvc.yaml").read_text() == once
     sdn_pipeline(root, "disable", "cifar10")
-    assert {name: (root / name).read_text() for name in before} == before  # byte for byte
+    assert (root / "dvc.yaml").read_text() == before  # byte for byte
 
 
 def test_registry_names_bad_input(tmp_path: Path) -> None:
     root = project_copy(tmp_path)
     error = sdn_pipeline(root, "enable", "cifar100", check=False).stderr
-    assert "cifar100: neither an experiment nor a dataset of params.yaml" in error
+    assert "cifar100: neither an experiment nor a dataset of params.yaml or paper.yaml" in error
     text = (root / "dvc.yaml").read_text().replace("      - metrics/sprites-cnn/eval.json\n", "")
     (root / "dvc.yaml").write_text(text)
     assert "python -m sdn pipeline sync" in sdn_pipeline(root, "list", check=False).stderr
     sdn_pipeline(root, "sync")
     assert check_registry(load_params(root / "params.yaml"), root)
     with pytest.raises(RegistryError, match="expected one"):
-        with_blocks("stages: {}\n", generated_blocks({}, {}))
-    with pytest.raises(RegistryError, match="not in params.yaml"):
+        with_blocks("stages: {}\n", {"summary inputs": []})
+    with pytest.raises(RegistryError, match="not in params.yaml or paper.yaml"):
         resolve_runs({"experiments": {}}, {"gone": "photos32"}, [], [])
 
 
@@ -178,7 +192,7 @@ def test_opt_in_runs_join_by_name_only_and_plain_make_leaves_them_out(tmp_path: 
     params = load_params(root / "params.yaml")
     opt_in = [name for name, cfg in params["experiments"].items() if cfg.get("opt_in")]
     assert opt_in == ["photos32-long-sdn", "photos32-long-cnn"]
-    sdn_pipeline(root, "reset")
+    assert not set(opt_in) & set(enabled_runs(root))  # the defaults leave them out
     sdn_pipeline(root, "enable", "photos32")  # the dataset enables its default runs only
     assert not set(opt_in) & set(enabled_runs(root))
     defaults = sdn_pipeline(root, "targets").stdout.split()
@@ -292,7 +306,7 @@ def test_comparison_picture_draws_each_sdn_run_beside_its_baseline(tmp_path: Pat
     from sdn.plots import COLOURS, PANEL_H, PANEL_W, draw_comparison
 
     params = load_params(REPO / "params.yaml")
-    runs = {name: params["experiments"][name]["dataset"] for name in DEFAULT_RUNS}
+    runs = {name: run_dataset(params, name) for name in DEFAULT_RUNS}
     for i, name in enumerate(DEFAULT_RUNS):
         (tmp_path / name).mkdir()
         steps = (100, 200, 300)
@@ -357,3 +371,68 @@ def test_console_script_runs_the_command_line() -> None:
     with pytest.raises(SystemExit) as stop:
         main(["--help"])
     assert stop.value.code == 0
+
+
+# ---- `dvc exp run -S`: DVC's own rewrite of the parameter files -------------------------------------
+
+OVERRIDE = re.compile(r"-S '([^']+)'")
+
+
+def readme_overrides() -> list[tuple[str, str, str]]:
+    """(file, dotted key, value) of every `-S` example of the README, sweeps expanded."""
+    found = []
+    for given in OVERRIDE.findall((REPO / "README.md").read_text()):
+        file, _, assignment = given.rpartition(":") if ".yaml:" in given else ("params.yaml", "", given)
+        key, _, values = assignment.partition("=")
+        found += [(file, key, value) for value in values.split(",")]
+    return found
+
+
+def resolved(root: Path) -> dict[str, dict]:
+    params = load_params(root / "params.yaml")
+    return {name: dataclasses.asdict(experiment_config(params, name)) for name in params["experiments"]}
+
+
+@pytest.mark.parametrize(("file", "key", "value"), readme_overrides())
+def test_readme_overrides_change_exactly_their_line_with_dvcs_own_code(
+    tmp_path: Path, file: str, key: str, value: str
+) -> None:
+    from dvc.utils.hydra import apply_overrides
+
+    for name in ("params.yaml", "paper.yaml"):
+        shutil.copy2(REPO / name, tmp_path / name)
+    before_text, before = (tmp_path / file).read_text(), resolved(tmp_path)
+    apply_overrides(tmp_path / file, [f"{key}={value}"])
+    after_text, after = (tmp_path / file).read_text(), resolved(tmp_path)
+    diff = [line for line in difflib.ndiff(before_text.splitlines(), after_text.splitlines())
+            if line[:1] in "+-"]
+    removed, added = [d[2:] for d in diff if d[0] == "-"], [d[2:] for d in diff if d[0] == "+"]
+    leaf = key.lstrip("+").rsplit(".", 1)[1]
+    if key.startswith("+"):  # a key the experiment did not set yet: added, nothing else touched
+        assert removed == [] and added[-1].strip() == f"{leaf}: {value}" and len(added) <= 2, diff
+    else:
+        assert len(removed) == len(added) == 1 and added[0].strip().startswith(f"{leaf}: {value}"), diff
+    section, name, *rest = key.lstrip("+").split(".")
+    params = load_params(tmp_path / "params.yaml")
+    runs = [name] if section == "experiments" else [
+        run for run, cfg in params["experiments"].items() if cfg["extends"] == name]
+    assert runs and {run for run in after if after[run] != before[run]} == set(runs)  # the twin did not move
+    for run in runs:
+        leaf = after[run]
+        for part in rest:
+            leaf = leaf[part]
+        assert str(leaf) == str(yaml.safe_load(value))
+
+
+@pytest.mark.parametrize("file", ["params.yaml", "paper.yaml"])
+def test_parameter_files_survive_dvcs_rewrite_byte_for_byte(tmp_path: Path, file: str) -> None:
+    # `dvc exp run -S` rewrites the whole file through ruamel: anchors, flow-style lists, `null`, a
+    # comment line after a list or a flow mapping wider than 80 columns would come back changed
+    from dvc.utils.hydra import apply_overrides
+
+    shutil.copy2(REPO / file, tmp_path / file)
+    text = (tmp_path / file).read_text()
+    first = next(iter(yaml.safe_load(text)["experiments"]))
+    base = yaml.safe_load(text)["experiments"][first]["extends"]
+    apply_overrides(tmp_path / file, [f"experiments.{first}.extends={base}"])
+    assert (tmp_path / file).read_text() == text
