@@ -6,6 +6,8 @@ the folder appears only once every split is complete.
 
 import json
 
+import repo_root  # noqa: F401  (first: this checkout's sdn)
+
 from sdn.config import dataset_config, load_params
 from sdn.data import convert_dataset, inspect_dataset
 from sdn.pipeline import DATA, lmdb_dir, raw_dir, run_stage

@@ -4,6 +4,8 @@ Writes data/raw/<dataset>/: a verified archive for cifar10, imagenet32, celebahq
 3dshapes (a partial download resumes), `.npy` arrays for photos32 and sprites.
 """
 
+import repo_root  # noqa: F401  (first: this checkout's sdn)
+
 from sdn.config import dataset_config, load_params
 from sdn.data import download_dataset
 from sdn.pipeline import raw_dir, run_stage

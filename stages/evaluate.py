@@ -3,6 +3,8 @@
 Writes metrics/<experiment>/eval.json (−ELBO, NLL and KL in bits/dim; disentanglement scores).
 """
 
+import repo_root  # noqa: F401  (first: this checkout's sdn)
+
 from sdn.config import experiment_config, load_params, validate_params
 from sdn.evaluation.run import evaluate_experiment
 from sdn.pipeline import checkpoint_dir, lmdb_dir, metrics_dir, run_stage

@@ -4,6 +4,8 @@ Reads data/raw/<experiment>/<release.file> (placed by hand, verified against rel
 writes data/checkpoints/<experiment>/last.ckpt, which the evaluate and sample stages load.
 """
 
+import repo_root  # noqa: F401  (first: this checkout's sdn)
+
 from sdn.config import experiment_config, load_params, validate_params
 from sdn.pipeline import DATA, checkpoint_dir, run_stage
 from sdn.release import import_release

@@ -1,7 +1,9 @@
 """DVC stage `summary`: metrics/summary.md and metrics/summary.csv from the eval.json of every
-enabled run (pipeline.yaml), exactly the files dvc.yaml lists as this stage's deps."""
+enabled run, exactly the files dvc.yaml lists as this stage's deps."""
 
 from pathlib import Path
+
+import repo_root  # noqa: F401  (first: this checkout's sdn)
 
 from sdn.config import load_params, validate_params
 from sdn.pipeline import run_stage

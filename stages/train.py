@@ -1,11 +1,16 @@
 """DVC stage `train@<experiment>`: train (or resume) one experiment.
 
+A checkpoint is resumed only if the same configuration and the same code (the stage's code deps
+in dvc.yaml) made it; otherwise training starts from step 0. A finished run trains nothing.
+
 Writes data/checkpoints/<experiment>/last.ckpt and metrics/<experiment>/{train,val}.csv.
 """
 
+import repo_root  # noqa: F401  (first: this checkout's sdn)
+
 from sdn.config import experiment_config, load_params, validate_params
 from sdn.errors import ConfigError
-from sdn.pipeline import checkpoint_dir, lmdb_dir, metrics_dir, run_stage
+from sdn.pipeline import checkpoint_dir, lmdb_dir, metrics_dir, run_stage, stage_code
 from sdn.training import train_experiment
 
 
@@ -18,7 +23,9 @@ def main(name: str) -> None:
             f"experiments.{name} imports the authors' checkpoint (its `release:` section) and is not "
             f"trained here: run `python stages/release.py {name}` (or `make {name}`)."
         )
-    train_experiment(cfg, lmdb_dir(cfg.dataset), checkpoint_dir(name), metrics_dir(name))
+    # a checkpoint resumes only if this code (what DVC hashes as the stage's code deps) made it
+    code = stage_code("train")
+    train_experiment(cfg, lmdb_dir(cfg.dataset), checkpoint_dir(name), metrics_dir(name), code=code)
 
 
 if __name__ == "__main__":

@@ -302,6 +302,7 @@ def test_inspect_reports_every_split(sprites_root: Path) -> None:
 
 def _run_stage(script: str, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", [script, name])
+    monkeypatch.syspath_prepend(str(REPO / "stages"))  # as `python stages/<script>` has it
     runpy.run_path(str(REPO / "stages" / script), run_name="__main__")
 
 

@@ -147,11 +147,9 @@ def changed(built: Build, tmp_path_factory: pytest.TempPathFactory) -> Change:
     shutil.copytree(built.project.root, project.root, symlinks=True)
     params = project.read_params()
     old_leaves = flatten(params)
-    # A fresh dict: after the YAML merge `<<: *photos32`, photos32-cnn's `train` is the very object
-    # photos32-sdn holds (Project.write_params keeps the sharing as a YAML alias), so editing it in
-    # place would change both experiments.
-    train = params["experiments"][CHANGED]["train"]
-    params["experiments"][CHANGED]["train"] = {**train, "lr": train["lr"] * 2}
+    # a training key of its own, over its base's
+    lr = params["bases"][params["experiments"][CHANGED]["extends"]]["train"]["lr"]
+    params["experiments"][CHANGED]["train"] = {"lr": lr * 2}
     project.write_params(params)
     new_leaves = flatten(project.read_params())
     assert {k for k in old_leaves.keys() | new_leaves.keys() if old_leaves.get(k) != new_leaves.get(k)} == {
@@ -323,16 +321,12 @@ def test_plots_show_overlays_each_sdn_run_with_its_baseline(built: Build, tmp_pa
 def test_offline_clean_dvc_commands_see_only_the_default_runs(built: Build) -> None:
     """A fresh clone without the paper's data: no paper stage, no warning, in any dvc view."""
     project = built.project
-    # `dvc exp show` lists every key of params.yaml, where the paper's presets stay defined: the
-    # check for paper names leaves out those parameter columns, the check for warnings does not
-    params_columns = r"experiments\.|datasets\.|trainer\."
+    # the paper's runs stay defined in paper.yaml, of which no stage tracks a key
     outputs = {
         " ".join(args): output_of(project.dvc(*args))
         for args in (("status",), ("repro", "--dry"), ("metrics", "show"), ("plots", "show", "--json"),
-                     ("exp", "show", "--no-pager", "--md", "--drop", params_columns), ("params", "diff"))
+                     ("exp", "show", "--no-pager", "--md"), ("params", "diff"))
     }
-    full_exp_show = output_of(project.dvc("exp", "show", "--no-pager", "--md"))
-    assert not any(warning in full_exp_show for warning in ("WARNING", "failed to load", "ERROR"))
     assert "Data and pipelines are up to date" in outputs["status"]
     for command, text in outputs.items():
         for word in ("cifar10", "imagenet32", "celebahq256", "3dshapes"):
@@ -342,7 +336,7 @@ def test_offline_clean_dvc_commands_see_only_the_default_runs(built: Build) -> N
     for name in DEFAULT_EXPERIMENTS:
         assert f"metrics/{name}/eval.json" in outputs["metrics show"]
     live = json.loads((project.root / "metrics" / "photos32-sdn" / "live.json").read_text())
-    assert live["step"] == project.read_params()["experiments"]["photos32-sdn"]["train"]["max_steps"]
+    assert live["step"] == project.read_params()["bases"]["photos32"]["train"]["max_steps"]
     assert "metrics/photos32-sdn/live.json" in outputs["metrics show"]
 
 
@@ -354,6 +348,172 @@ def test_second_repro_does_nothing(built: Build) -> None:
         assert f"Stage '{stage}' didn't change" in output
     assert (built.project.root / "dvc.lock").read_bytes() == lock
     assert pipeline_status(built.project) == {}
+
+
+# ---- the lock tells the truth -----------------------------------------------------------------
+
+
+def copy_of(built: Build, where: Path) -> ProjectAt:
+    """A copy of the built project: git history, DVC cache, data and results."""
+    project = ProjectAt(where / "project")
+    shutil.copytree(built.project.root, project.root, symlinks=True)
+    return project
+
+
+def test_exp_show_shows_no_paper_run_and_no_variable_file(built: Build) -> None:
+    header = built.project.dvc("exp", "show", "--csv").stdout.splitlines()[0].split(",")
+    for word in ("paper.yaml", "cifar10", "imagenet32", "celebahq256", "3dshapes", "pipeline.yaml"):
+        assert not [column for column in header if word in column], word
+    assert "experiments.photos32-sdn.model.sdn_num_dirs" in header
+    assert "bases.photos32.train.lr" in header
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "rerun"),
+    [
+        ("evaluate", "max_images", 8, ("evaluate",)),
+        ("sample", "grid", 1, ("sample",)),
+        ("sample", "temperatures", [0.5], ("evaluate", "sample")),  # evaluate reads the first one
+    ],
+)
+def test_an_edit_to_evaluation_or_sampling_reruns_no_training(
+    built: Build, tmp_path: Path, section: str, key: str, value: Any, rerun: tuple[str, ...]
+) -> None:
+    project = copy_of(built, tmp_path)
+    params = project.read_params()
+    params["bases"]["photos32"][section][key] = value
+    project.write_params(params)
+    assert set(pipeline_status(project)) == {f"{stage}@photos32-{arch}" for stage in rerun
+                                             for arch in ("sdn", "cnn")}
+
+
+def test_a_code_change_retrains_from_step_zero(built: Build, tmp_path: Path) -> None:
+    project = copy_of(built, tmp_path)
+    root = project.root
+    checkpoint = root / "data" / "checkpoints" / CHANGED / "last.ckpt"
+    old = torch_load(checkpoint)
+    with (root / "sdn" / "layers.py").open("a") as module:
+        module.write("# an edit that changes no result, in a module every training imports\n")
+    changed = set(pipeline_status(project))
+    assert {f"train@{name}" for name in DEFAULT_EXPERIMENTS} <= changed
+    assert not {stage for stage in changed if stage.startswith(("download@", "convert@"))}
+    out = output_of(project.dvc("repro", f"train@{CHANGED}"))
+    assert "was made by other code" in out and "training starts from scratch" in out, out[-3000:]
+    assert "resuming" not in out
+    new = torch_load(checkpoint)
+    assert new["global_step"] == old["global_step"] and new["sdn_code"] != old["sdn_code"]
+    assert new["sdn_fingerprint"] == old["sdn_fingerprint"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"][f"train@{CHANGED}"]
+    layers = next(dep for dep in lock["deps"] if dep["path"] == "sdn/layers.py")
+    assert layers["md5"] == hashlib.md5((root / "sdn" / "layers.py").read_bytes()).hexdigest()
+
+
+def test_a_finished_run_run_again_trains_nothing_and_keeps_its_checkpoint(
+    built: Build, tmp_path: Path
+) -> None:
+    project = copy_of(built, tmp_path)
+    root = project.root
+    kept = [root / "data" / "checkpoints" / CHANGED / "last.ckpt", root / "dvc.lock",
+            *sorted((root / "metrics" / CHANGED).glob("*.csv")), root / "metrics" / CHANGED / "live.json"]
+    before = {path: path.read_bytes() for path in kept}
+    out = output_of(project.dvc("repro", "--force", "--single-item", f"train@{CHANGED}"))
+    assert f"{CHANGED} finished at step" in out and "nothing to train" in out, out[-3000:]
+    assert {path: path.read_bytes() for path in kept} == before
+    assert pipeline_status(project) == {}
+
+
+def test_exp_run_set_param_reruns_that_experiment_only(built: Build, tmp_path: Path) -> None:
+    project = copy_of(built, tmp_path)
+    out = output_of(project.dvc("exp", "run", "-S", "experiments.photos32-sdn.model.sdn_num_dirs=1"))
+    assert sorted(stages_run(out)) == sorted(
+        [f"{stage}@photos32-sdn" for stage in ("train", "evaluate", "sample")] + ["summary"]), out[-3000:]
+
+
+EDITED_EVALUATION = """
+
+_evaluate = evaluate_experiment
+
+
+def evaluate_experiment(*args, **kwargs):  # noqa: F811 - the queued experiment's edit
+    print("[edited] this evaluation ran the queued experiment's own code")
+    return _evaluate(*args, **kwargs)
+"""
+
+
+def settle_queue(project: ProjectAt, deadline_s: float = 900) -> str:
+    """Wait until no queued experiment is queued or running; `dvc queue status` at the end."""
+    import time
+
+    end = time.monotonic() + deadline_s
+    while True:
+        status = output_of(project.dvc("queue", "status"))
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        assert time.monotonic() < end, status
+        time.sleep(3)
+
+
+@pytest.mark.slow
+def test_queued_experiment_runs_and_records_its_own_code_then_travels(built: Build, tmp_path: Path) -> None:
+    project = copy_of(built, tmp_path)
+    root = project.root
+    env = {key: value for key, value in project.env.items() if key != "PYTHONPATH"}  # as a user runs it
+    module = root / "sdn" / "evaluation" / "run.py"
+    original = module.read_text()
+    module.write_text(original + EDITED_EVALUATION)
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def run(*args: str) -> str:
+        done = subprocess.run([dvc, *args], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, output_of(done)[-4000:]
+        return output_of(done)
+
+    run("exp", "run", "--queue", "--name", "edited-code")
+    module.write_text(original)  # the workspace goes back; the queued experiment keeps its copy
+    run("queue", "start")
+    status = settle_queue(project)
+    assert "Success" in status and "Failed" not in status, status
+    logs = run("queue", "logs", "edited-code")
+    assert "[edited] this evaluation ran the queued experiment's own code" in logs
+    assert sorted(set(stages_run(logs))) == sorted(
+        [f"{stage}@{name}" for name in DEFAULT_EXPERIMENTS for stage in ("evaluate", "sample")] + ["summary"])
+
+    shown = json.loads(run("exp", "show", "--json"))
+    experiment = next(exp for exp in shown[-1]["experiments"] if exp["name"] == "edited-code")
+    recorded = experiment["revs"][0]["data"]["deps"]["sdn/evaluation"]["hash"]
+    assert recorded != shown[-1]["data"]["deps"]["sdn/evaluation"]["hash"]  # not the workspace's code
+
+    # it travels: a bare git remote and a DVC remote; a fresh clone pulls, applies, runs nothing
+    subprocess.run(["git", "init", "-q", "--bare", str(tmp_path / "origin.git")], check=True)
+    project.git("remote", "add", "origin", str(tmp_path / "origin.git"))
+    run("remote", "add", "-d", "storage", str(tmp_path / "storage"))
+    commit(project, "DVC remote")
+    project.git("push", "-q", "origin", "HEAD:main")
+    run("push")
+    run("exp", "push", "origin", "edited-code")
+    clone = ProjectAt(tmp_path / "clone")
+    subprocess.run(["git", "clone", "-q", "-b", "main", str(tmp_path / "origin.git"), str(clone.root)],
+                   check=True)
+    clone.dvc("pull")
+    clone.dvc("exp", "pull", "origin", "edited-code")
+    clone.dvc("exp", "apply", "edited-code")
+    for name in DEFAULT_EXPERIMENTS:
+        path = Path("metrics") / name / "eval.json"
+        assert json.loads((clone.root / path).read_text()) == json.loads(
+            project.git("show", f"{experiment_ref(project, 'edited-code')}:{path}").stdout)
+    assert pipeline_status(clone) == {}
+
+
+def experiment_ref(project: ProjectAt, name: str) -> str:
+    refs = project.git("for-each-ref", "--format=%(refname)", "refs/exps").stdout.split()
+    (ref,) = [ref for ref in refs if ref.endswith(f"/{name}")]
+    return ref
+
+
+def torch_load(path: Path) -> dict[str, Any]:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ---- sharing across machines (issue 7, item 5) -------------------------------------------------

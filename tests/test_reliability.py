@@ -15,7 +15,6 @@ stage scripts and `dvc repro` as subprocesses on a copy of the project.
 
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import os
@@ -44,6 +43,8 @@ from sdn.data import convert_dataset, download_dataset, read_metadata
 from sdn.data.lmdb_store import SplitMetadata, write_split
 from sdn.errors import CheckpointError, DataError, DatasetError, NonFiniteLossError
 from sdn.evaluation.run import evaluate_experiment
+from sdn.pipeline import stage_code
+from sdn.registry import enabled_runs, write_registry
 from sdn.training import (
     LAST_CHECKPOINT,
     AtomicCheckpointIO,
@@ -54,6 +55,7 @@ from sdn.training import (
     resumable_checkpoint,
     train_experiment,
 )
+from tests.params_tools import detach, section_of, write_params_files
 from tests.pipeline_project import Project, micro_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,10 +69,8 @@ TRAIN_IMAGES, VAL_IMAGES = 64, 21  # an odd validation split
 
 
 def own_experiment(params: dict[str, Any]) -> dict[str, Any]:
-    """EXPERIMENT's section, unshared (params.yaml's anchors make experiments share sections)."""
-    experiment = copy.deepcopy(params["experiments"][EXPERIMENT])
-    params["experiments"][EXPERIMENT] = experiment
-    return experiment
+    """EXPERIMENT's section, with a base of its own: editing it changes no other experiment."""
+    return detach(params, EXPERIMENT)
 
 
 def tiny_params(**train: Any) -> dict[str, Any]:
@@ -80,7 +80,7 @@ def tiny_params(**train: Any) -> dict[str, Any]:
     params["trainer"].update(accelerator="cpu", log_every_n_steps=1)
     experiment = own_experiment(params)
     experiment["train"].update({"batch_size": 4, "max_steps": 6, "val_every_steps": 2, **train})
-    experiment["evaluate"].update(max_images=VAL_IMAGES)
+    section_of(params, EXPERIMENT, "evaluate").update(max_images=VAL_IMAGES)
     return params
 
 
@@ -110,10 +110,12 @@ class Workdir:
         self.write_params(tiny_params())
 
     def write_params(self, params: dict[str, Any]) -> None:
-        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        write_params_files(self.root, params, lambda data: yaml.safe_dump(data, sort_keys=False))
 
     def train(self, cfg: ExperimentConfig, callbacks: list[pl.Callback] | None = None):
-        return train_experiment(cfg, self.lmdb, self.ckpt, self.metrics, self.stale, callbacks)
+        # the code the train stage records: runs here and stage runs resume each other's checkpoints
+        return train_experiment(cfg, self.lmdb, self.ckpt, self.metrics, self.stale, callbacks,
+                                code=stage_code("train"))
 
     def evaluate(self, cfg: ExperimentConfig) -> dict:
         return evaluate_experiment(cfg, self.lmdb, self.ckpt, self.metrics)
@@ -162,6 +164,7 @@ def run_stage_here(root: Path, script: str, name: str, monkeypatch: pytest.Monke
     """Run `stages/<script>.py <name>` in this process from `root`: its exit message, '' if none."""
     monkeypatch.chdir(root)
     monkeypatch.setattr(sys, "argv", [f"stages/{script}.py", name])
+    monkeypatch.syspath_prepend(str(REPO / "stages"))  # as `python stages/<script>.py` has it
     try:
         runpy.run_path(str(REPO / "stages" / f"{script}.py"), run_name="__main__")
     except SystemExit as stop:
@@ -291,8 +294,10 @@ def stage_process(project: Project, script: str, name: str, env: dict[str, str] 
 
 def set_experiment(project: Project, section: str, **values: Any) -> None:
     params = project.read_params()
-    own_experiment(params).setdefault(section, {}).update(values)
+    own_experiment(params)
+    section_of(params, EXPERIMENT, section).update(values)
     project.write_params(params)
+    write_registry(params, enabled_runs(project.root), project.root)  # the stages track its new base
 
 
 def micro_photos(project: Project) -> None:
@@ -946,7 +951,7 @@ def test_killed_evaluation_midway_writes_nothing(tmp_path: Path) -> None:
     workdir = Workdir(project.root)
     workdir.train(tiny_cfg(max_steps=2))
     params = tiny_params(max_steps=2)
-    params["experiments"][EXPERIMENT]["evaluate"].update(iw_samples=4096, batch_size=1, chunk_size=64)
+    section_of(params, EXPERIMENT, "evaluate").update(iw_samples=4096, batch_size=1, chunk_size=64)
     workdir.write_params(params)
     process = subprocess.Popen(
         [sys.executable, "stages/evaluate.py", EXPERIMENT], cwd=project.root, env=project.env,

@@ -151,16 +151,16 @@ KILL_AFTER_TWO_PICTURES = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
 
     samples.save_grid = save_then_die
-    sys.argv = ["stages/sample.py", sys.argv[1]]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    script = os.path.join(os.environ["SDN_REPO"], "stages", "sample.py")
+    sys.argv = [script, sys.argv[1]]
+    sys.path.insert(0, os.path.dirname(script))  # as `python stages/sample.py` has it
+    runpy.run_path(script, run_name="__main__")
 """)
 
 
 def test_a_sample_stage_killed_midway_leaves_the_previous_folder_intact(work: EvaluationWorkdir) -> None:
     root = work.root
-    (root / "stages").mkdir()
-    (root / "stages" / "sample.py").write_text((REPO / "stages" / "sample.py").read_text())
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "SDN_REPO": str(REPO)}
 
     def stage(*command: str, temperatures: list[float]) -> subprocess.CompletedProcess:
         write_params(root, NAME, sample={"temperatures": temperatures})
@@ -168,7 +168,7 @@ def test_a_sample_stage_killed_midway_leaves_the_previous_folder_intact(work: Ev
             [sys.executable, *command, NAME], cwd=root, env=env, capture_output=True, text=True, timeout=300
         )
 
-    done = stage("stages/sample.py", temperatures=[1.0])
+    done = stage(str(REPO / "stages" / "sample.py"), temperatures=[1.0])
     assert done.returncode == 0, done.stderr
     before = folder_digest(root / "metrics" / NAME / "samples")
 
@@ -177,7 +177,7 @@ def test_a_sample_stage_killed_midway_leaves_the_previous_folder_intact(work: Ev
     assert folder_digest(root / "metrics" / NAME / "samples") == before
     assert leftovers(root / "metrics" / NAME), "the killed run's half-built folder was expected"
 
-    done = stage("stages/sample.py", temperatures=[0.5, 0.6])
+    done = stage(str(REPO / "stages" / "sample.py"), temperatures=[0.5, 0.6])
     assert done.returncode == 0, done.stderr
     names = set(os.listdir(root / "metrics" / NAME / "samples"))
     assert {"samples_t0.5.png", "samples_t0.6.png"} <= names and "samples_t1.png" not in names

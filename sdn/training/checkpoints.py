@@ -94,27 +94,39 @@ class StepCheckpoint(pl.Callback):
             self._save(trainer)
 
 
-def resumable_checkpoint(ckpt_dir: Path, fingerprint: str, stale_dir: Path) -> Path | None:
-    """The checkpoint to resume from, if one exists and was made with this configuration.
+def resumable_checkpoint(
+    ckpt_dir: Path, fingerprint: str, stale_dir: Path, code: str | None = None, max_steps: int | None = None
+) -> Path | None:
+    """The checkpoint to resume from, if one exists and was made by this run: the same
+    configuration (`fingerprint`), the same code (`code`, `sdn.pipeline.stage_code` of the train
+    stage; None where the caller does not track its code) and no more than `max_steps` steps.
 
-    A checkpoint from another configuration, or one that cannot be read, is moved to `stale_dir`
-    (never resumed)."""
+    Any other checkpoint, or one that cannot be read, is moved to `stale_dir` (never resumed), and
+    training starts from step 0: a result is never continued by code or settings that did not
+    make it."""
     for partial in ckpt_dir.glob(".*.ckpt.tmp"):  # a save cut short by a kill
         partial.unlink(missing_ok=True)
     path = ckpt_dir / LAST_CHECKPOINT
     if not path.exists():
         return None
     try:
-        found = load_checkpoint_file(path).get("sdn_fingerprint")
-        why = f"was made with a different configuration ({found} != {fingerprint})"
+        checkpoint = load_checkpoint_file(path)
+        found, found_code = checkpoint.get("sdn_fingerprint"), checkpoint.get("sdn_code")
+        step = int(checkpoint.get("global_step", 0))
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is set aside
         found, why = "unreadable", f"cannot be read ({type(err).__name__}: {str(err)[:200]})"
-    if found == fingerprint:
-        return path
+    else:
+        if found != fingerprint:
+            why = f"was made with a different configuration ({found} != {fingerprint})"
+        elif found_code != code:
+            why = (f"was made by other code (the train stage's code deps hash to {code}, the "
+                   f"checkpoint's to {found_code})")
+        elif max_steps is not None and step > max_steps:
+            why = f"went on to step {step}, past train.max_steps = {max_steps}"
+        else:
+            return path
     stale_dir.mkdir(parents=True, exist_ok=True)
     target = stale_dir / f"{ckpt_dir.name}-{found}.ckpt"
     os.replace(path, target)
     print(f"[sdn] {path} {why}; moved it to {target} and training starts from scratch.")
     return None
-
-

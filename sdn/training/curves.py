@@ -78,19 +78,23 @@ class LiveCurves(pl.Callback):
         if grew:
             self._write_latest(pl_module)
 
-    def write_all(self, pl_module: VAEModule) -> None:
-        """The complete curves and latest figures, also when `fit` had nothing left to run (a run
-        resumed at its last step): DVC removes a stage's outputs before running it."""
+    def write_all(self, train_rows: list[dict], val_rows: list[dict], step: int) -> None:
+        """The complete curves and the figures of `step`, also when there was nothing left to
+        train (a finished run run again): DVC removes a stage's outputs before running it."""
+        rows = {"train": train_rows, "val": val_rows}
         for kind, (path, columns) in self._files().items():
-            write_csv_atomic(getattr(pl_module, f"{kind}_rows"), path, columns)
-        self._write_latest(pl_module)
+            write_csv_atomic(rows[kind], path, columns)
+        self._write_figures(rows, step)
 
     def _write_latest(self, pl_module: VAEModule) -> None:
-        latest: dict[str, Any] = {"step": int(pl_module.global_step)}
+        rows = {kind: getattr(pl_module, f"{kind}_rows") for kind in ("train", "val")}
+        self._write_figures(rows, int(pl_module.global_step))
+
+    def _write_figures(self, rows: dict[str, list[dict]], step: int) -> None:
+        latest: dict[str, Any] = {"step": step}
         for kind in ("train", "val"):
-            rows = getattr(pl_module, f"{kind}_rows")
-            if rows:
-                latest[kind] = {k: v for k, v in rows[-1].items() if k != "step"}
+            if rows[kind]:
+                latest[kind] = {k: v for k, v in rows[kind][-1].items() if k != "step"}
         write_json_atomic(latest, self.dir / "live.json", sort_keys=False)
 
 

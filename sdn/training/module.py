@@ -53,9 +53,10 @@ def noise_seed(seed: int, phase: str, index: int) -> int:
 class VAEModule(pl.LightningModule):
     """Wraps a DensityVAE or DisentanglementVAE: loss, EMA weights, optimiser, schedules, curves."""
 
-    def __init__(self, cfg: ExperimentConfig, steps_per_epoch: int = 1) -> None:
+    def __init__(self, cfg: ExperimentConfig, steps_per_epoch: int = 1, code: str | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.code = code  # the train stage's code_fingerprint, saved with each checkpoint
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.model = prepare_model(build_model(cfg), cfg.train)
         # The averaged weights live in a frozen twin: they are saved with the checkpoint and
@@ -187,6 +188,7 @@ class VAEModule(pl.LightningModule):
                 "set train.gradient_clip_val, or use precision 32-true."
             )
         checkpoint["sdn_fingerprint"] = config_fingerprint(self.cfg)
+        checkpoint["sdn_code"] = self.code
         checkpoint["sdn_experiment"] = self.cfg.name
         checkpoint["sdn_curves"] = {"train": self.train_rows, "val": self.val_rows}
         # no generator state: every batch seeds its own draws (_seed_micro_batch)

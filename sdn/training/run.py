@@ -36,14 +36,24 @@ def train_experiment(
     metrics_dir: Path,
     stale_dir: Path = Path("data/stale-checkpoints"),
     extra_callbacks: list[pl.Callback] | None = None,
+    code: str | None = None,
 ) -> VAEModule:
-    """Train (or resume) one experiment; writes `last.ckpt` and the training curves."""
+    """Train (or resume) one experiment; writes `last.ckpt` and the training curves.
+
+    `code` names the code that trains (the train stage passes a hash of its code deps): a
+    checkpoint resumes only if the same configuration and the same code made it. A run already
+    finished by them trains nothing and leaves `last.ckpt` untouched, byte for byte; it only
+    writes its curves again from the checkpoint (DVC removes a stage's outputs before running it)."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = ImageDataModule.for_experiment(cfg, lmdb_dir)
 
     trainer_cfg, train = cfg.trainer, cfg.train
     k = train.accumulate_grad_batches
-    resume = resumable_checkpoint(ckpt_dir, config_fingerprint(cfg), stale_dir)
+    resume = resumable_checkpoint(ckpt_dir, config_fingerprint(cfg), stale_dir, code, train.max_steps)
+    if resume is not None:
+        checkpoint = load_checkpoint_file(resume)
+        if int(checkpoint["global_step"]) == train.max_steps:
+            return finished_run(cfg, checkpoint, metrics_dir, code)
 
     validates = data.val_limit != 0
     checkpointing = StepCheckpoint(
@@ -76,14 +86,26 @@ def train_experiment(
         default_root_dir=str(ckpt_dir),
     )
     if resume is not None:
-        data.start_step = int(load_checkpoint_file(resume)["global_step"])
+        data.start_step = int(checkpoint["global_step"])
         print(f"[sdn] resuming {cfg.name} from {resume} at step {data.start_step}")
-    module = VAEModule(cfg, steps_per_epoch=data.steps_per_epoch(trainer.world_size))
+    module = VAEModule(cfg, steps_per_epoch=data.steps_per_epoch(trainer.world_size), code=code)
     with warnings.catch_warnings():
         # Lightning cannot see that StepBatchSampler restarts at the checkpoint's step
         warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch")
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     trainer.save_checkpoint(ckpt_dir / LAST_CHECKPOINT, weights_only=False)
     if trainer.is_global_zero:
-        live.write_all(module)
+        live.write_all(module.train_rows, module.val_rows, module.global_step)
+    return module
+
+
+def finished_run(cfg: ExperimentConfig, checkpoint: dict, metrics_dir: Path, code: str | None) -> VAEModule:
+    """The run `checkpoint` completed, loaded without training or saving anything; its curves are
+    written again from the checkpoint's own rows."""
+    step = int(checkpoint["global_step"])
+    print(f"[sdn] {cfg.name} finished at step {step} with this configuration and code: nothing to train")
+    module = VAEModule(cfg, code=code)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    LiveCurves(metrics_dir).write_all(module.train_rows, module.val_rows, step)
     return module
