@@ -17,12 +17,12 @@ DATASETS := $(DEFAULT_DATASETS) $(PAPER_DATASETS)
 
 .DEFAULT_GOAL := all
 
-# What every target that runs experiments ends with: the summary alone (it reads every enabled
-# run's committed eval.json), then the README's table and the comparison picture.
+# What every target that runs experiments ends with: the summary and the comparison picture alone
+# (DVC stages that read every enabled run's committed eval.json and val.csv), then the README's
+# table, a copy of metrics/summary.md made outside DVC (README.md is no stage's output).
 define finish
-$(DVC) repro --single-item summary
+$(DVC) repro --single-item summary comparison
 $(BIN)/python -m sdn readme
-$(BIN)/python -m sdn plots
 endef
 .PHONY: all help install lock test test-slow lint bench metrics diff plots summary readme showcase celebahq256-release \
 	$(DATASETS)
@@ -82,7 +82,7 @@ diff: install ## Compare metrics with another commit: make diff REV=HEAD~1
 
 plots: install ## Render curves, SDN-vs-CNN comparisons and sample grids (dvc_plots/index.html); redraw metrics/comparison.png
 	$(DVC) plots show
-	$(BIN)/python -m sdn plots
+	$(DVC) repro --single-item comparison
 
 # Enabling a dataset adds its experiments to dvc.yaml (commit it with the results): from then on
 # `dvc repro`, `dvc status`, metrics, plots and the summary include them.
@@ -107,7 +107,6 @@ celebahq256-release: install ## Evaluate and sample the authors' CelebAHQ256 che
 readme: install ## Copy the results table of metrics/summary.md into README.md
 	$(BIN)/python -m sdn readme
 
-summary: install ## Rebuild metrics/summary.{md,csv} from the enabled experiments, and the README's table
-	$(DVC) repro summary
+summary: install ## Rebuild metrics/summary.{md,csv} and comparison.png from the enabled experiments, and the README's table
+	$(DVC) repro summary comparison
 	$(BIN)/python -m sdn readme
-	$(BIN)/python -m sdn plots

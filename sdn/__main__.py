@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("dataset")
     inspect.add_argument("--data-root", default="data")
     commands.add_parser("readme", help="copy the table of metrics/summary.md into README.md")
-    commands.add_parser("plots", help="draw metrics/comparison.png: SDN and CNN validation curves")
     pipeline = commands.add_parser(
         "pipeline",
         help="the experiments dvc.yaml runs: list, targets (what `make` rebuilds), "
@@ -97,16 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pipeline":
             return pipeline_command(args.action, args.names)
-        if args.command == "plots":
-            from pathlib import Path
-
-            from sdn.config import load_params
-            from sdn.plots import draw_comparison
-            from sdn.registry import check_registry
-
-            params = load_params()
-            print(draw_comparison(params, check_registry(params), Path("metrics/comparison.png")))
-            return 0
         if args.command == "info":
             result = info(args.experiment)
         elif args.command == "readme":

@@ -145,13 +145,21 @@ def generated_blocks(
         "sample items": _mapping(enabled),
         "summary inputs": [f"- {METRICS / name / 'eval.json'}" for name in runs],
     }
+    trained = [name for name in runs if name not in imported]  # an imported run has no val.csv
+    blocks["comparison inputs"] = [f"- {METRICS / name / file}" for name in trained
+                                   for file in ("val.csv", "eval.json")]
+    by_file: dict[str, list[str]] = {}
+    for name, item in enabled.items():
+        by_file.setdefault(item["file"], []).append(f"experiments.{name}")
+    blocks["comparison params"] = [line for file, keys in by_file.items()
+                                   for line in (f"- {file}:", *(f"    - {key}" for key in keys))] or ["[]"]
     summary_params: dict[str, list[str]] = {}
     for name, item in enabled.items():
         keys = summary_params.setdefault(item["file"], [])
         keys += [f"experiments.{name}"] + [f"bases.{item['base']}.{key}" for key in ("dataset", "model")
                                            if f"bases.{item['base']}.{key}" not in keys]
     blocks["summary params"] = [line for file, keys in summary_params.items()
-                                for line in (f"- {file}:", *(f"    - {key}" for key in keys))]
+                                for line in (f"- {file}:", *(f"    - {key}" for key in keys))] or ["[]"]
     plots: list[str] = []
     for group in comparison_groups(params, runs):
         if any(name in imported for name in group):
@@ -166,7 +174,7 @@ def generated_blocks(
                 "    y:",
                 *(f"      {METRICS / run / 'val.csv'}: {column}" for run in group),
             ]
-    blocks["comparison plots"] = plots
+    blocks["comparison plots"] = plots or ["[]"]
     return blocks
 
 

@@ -297,43 +297,6 @@ def test_resumed_curves_repeat_and_miss_no_step(tmp_path: Path) -> None:
     assert pd.read_csv(crashed.metrics / "train.csv")["step"].tolist() == list(range(1, 9))
 
 
-# ---- the comparison picture -----------------------------------------------------------------------
-
-
-def test_comparison_picture_draws_each_sdn_run_beside_its_baseline(tmp_path: Path) -> None:
-    from PIL import Image
-
-    from sdn.plots import COLOURS, PANEL_H, PANEL_W, draw_comparison
-
-    params = load_params(REPO / "params.yaml")
-    runs = {name: run_dataset(params, name) for name in DEFAULT_RUNS}
-    for i, name in enumerate(DEFAULT_RUNS):
-        (tmp_path / name).mkdir()
-        steps = (100, 200, 300)
-        rows = "".join(f"{step},{5 - step / 100 + i},{0.1 * i + step / 1000},64\n" for step in steps)
-        (tmp_path / name / "val.csv").write_text("step,neg_elbo_bpd,kl_bpd,images\n" + rows)
-    out = draw_comparison(params, runs, tmp_path / "comparison.png", tmp_path)
-    image = Image.open(out).convert("RGB")
-    assert image.size == (2 * PANEL_W, 2 * PANEL_H)  # two pairs, -ELBO and KL each
-    for row in range(2):
-        for col in range(2):
-            panel = image.crop((col * PANEL_W, row * PANEL_H, (col + 1) * PANEL_W, (row + 1) * PANEL_H))
-            colours = {colour for _, colour in panel.getcolors(PANEL_W * PANEL_H)}
-            assert COLOURS[0] in colours and COLOURS[1] in colours, (row, col)  # SDN and CNN lines
-
-
-def test_committed_comparison_picture_is_the_one_the_curves_give(tmp_path: Path) -> None:
-    from PIL import Image, ImageChops
-
-    from sdn.plots import draw_comparison
-
-    params = load_params(REPO / "params.yaml")
-    drawn = draw_comparison(params, check_registry(params, REPO), tmp_path / "c.png", REPO / "metrics")
-    committed = Image.open(REPO / "metrics" / "comparison.png").convert("RGB")
-    assert ImageChops.difference(Image.open(drawn).convert("RGB"), committed).getbbox() is None, \
-        "metrics/comparison.png is stale: run `make plots`"
-
-
 # ---- the locked environment -----------------------------------------------------------------------
 
 

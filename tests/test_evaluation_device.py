@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdn.errors import ConfigError
-from sdn.evaluation.device import autocast_dtype, precision_context, select_device
+from sdn.evaluation.device import autocast_dtype, precision_context, precision_used, select_device
 from sdn.evaluation.run import evaluate_experiment, sample_experiment
 from sdn.models.density import DensityVAE
 from tests.evaluation_workdir import EvaluationWorkdir, micro_experiment
@@ -62,6 +62,22 @@ def test_autocast_dtype(precision: str, device: torch.device, expected) -> None:
     assert autocast_dtype(precision, device) == expected
 
 
+@pytest.mark.parametrize(
+    ("precision", "device", "logged"),
+    [
+        ("32-true", CPU, "float32"),
+        ("32", GPU0, "float32"),
+        ("16-mixed", GPU0, "float16 autocast"),
+        ("16-mixed", CPU, "float32, not trainer.precision 16-mixed"),  # what a CPU really does
+        ("bf16-mixed", CPU, "bfloat16 autocast"),
+        ("64-true", CPU, "float32, not trainer.precision 64-true"),  # the checkpoint's float32 weights
+    ],
+)
+def test_precision_used_names_the_arithmetic_not_the_setting(precision: str, device: torch.device,
+                                                               logged: str) -> None:
+    assert precision_used(precision, device) == logged
+
+
 def test_precision_context_autocasts_on_cpu_for_bf16() -> None:
     with precision_context("bf16-mixed", CPU):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -84,18 +100,35 @@ def spy_elbo(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.device, bool]]
     return calls
 
 
-@pytest.mark.parametrize(("precision", "autocast"), [("32-true", False), ("bf16-mixed", True)])
-def test_evaluate_runs_on_the_configured_device_and_precision(
-    tmp_path: Path, spy_elbo: list, capsys: pytest.CaptureFixture, precision: str, autocast: bool
+@pytest.mark.parametrize(
+    ("precision", "autocast", "logged"),
+    [
+        ("32-true", False, "float32"),
+        ("bf16-mixed", True, "bfloat16 autocast"),
+        ("16-mixed", False, "float32, not trainer.precision 16-mixed"),  # the log used to say (16-mixed)
+    ],
+)
+def test_evaluate_runs_on_the_configured_device_and_precision_and_logs_what_it_used(
+    tmp_path: Path, spy_elbo: list, capsys: pytest.CaptureFixture, precision: str, autocast: bool, logged: str
 ) -> None:
     cfg = micro_experiment("photos32-cnn", trainer={"precision": precision})
     work = EvaluationWorkdir(tmp_path, cfg)
     metrics = evaluate_experiment(cfg, work.lmdb, work.ckpt, work.metrics)
     assert spy_elbo and set(spy_elbo) == {(CPU, autocast)}
-    assert f"on cpu ({precision})" in capsys.readouterr().out
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if ": evaluated " in line]
+    assert f"on cpu ({logged}) in " in line
     assert json.loads((work.metrics / "eval.json").read_text()) == metrics
     for key in ("neg_elbo_bpd", "nll_bpd", "kl_bpd"):
         assert metrics[f"{key}_se"] > 0
+
+
+def test_sample_logs_the_precision_it_used(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = micro_experiment("photos32-cnn", trainer={"precision": "16-mixed"})
+    work = EvaluationWorkdir(tmp_path, cfg)
+    written = sample_experiment(cfg, work.lmdb, work.ckpt, work.metrics / "samples")
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if ": drew " in line]
+    assert line.startswith(f"[sdn] photos32-cnn: drew {len(written)} pictures on cpu "
+                           "(float32, not trainer.precision 16-mixed) in ")
 
 
 def test_gpu_asked_without_one_stops_before_any_work(tmp_path: Path) -> None:
@@ -110,10 +143,15 @@ def test_gpu_asked_without_one_stops_before_any_work(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_auto_evaluates_and_samples_on_the_gpu(tmp_path: Path, spy_elbo: list) -> None:
+def test_auto_evaluates_and_samples_on_the_gpu(
+    tmp_path: Path, spy_elbo: list, capsys: pytest.CaptureFixture
+) -> None:
     cfg = micro_experiment("photos32-cnn", trainer={"accelerator": "auto", "precision": "16-mixed"})
     work = EvaluationWorkdir(tmp_path, cfg)
     evaluate_experiment(cfg, work.lmdb, work.ckpt, work.metrics)
     assert {device.type for device, _ in spy_elbo} == {"cuda"} and all(on for _, on in spy_elbo)
     written = sample_experiment(cfg, work.lmdb, work.ckpt, work.metrics / "samples")
     assert all(path.is_file() for path in written)
+    output = capsys.readouterr().out
+    logged = [line for line in output.splitlines() if line.startswith("[sdn] photos32-cnn: ")]
+    assert len(logged) == 2 and all("on cuda:0 (float16 autocast) in " in line for line in logged)

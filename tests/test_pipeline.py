@@ -31,6 +31,7 @@ DEFAULT_STAGES = (
     *(f"{stage}@{dataset}" for dataset in DEFAULT_DATASETS for stage in ("download", "convert")),
     *(f"{stage}@{name}" for name in DEFAULT_EXPERIMENTS for stage in ("train", "evaluate", "sample")),
     "summary",
+    "comparison",
 )
 DISENTANGLEMENT_SCORES = (
     "beta_vae",
@@ -187,23 +188,24 @@ def test_make_dataset_dry_run_reproduces_that_datasets_stages() -> None:
     stages = {word for words in repros for word in words if "@" in word}
     expected = {f"{stage}@cifar10-{arch}" for stage in ("evaluate", "sample") for arch in ("sdn", "cnn")}
     assert stages == expected
-    assert any("summary" in words for words in repros), "make <dataset> also refreshes the summary"
+    assert any("summary" in words and "comparison" in words for words in repros), \
+        "make <dataset> also refreshes the summary and the comparison picture"
     commands = result.stdout.splitlines()
     enable = next(i for i, line in enumerate(commands) if "-m sdn pipeline enable cifar10" in line)
     assert enable < min(i for i, line in enumerate(commands) if "dvc repro" in line), "enabled before it runs"
-    assert "-m sdn readme" in commands[-2], "and the README's table follows the new summary"
-    assert "-m sdn plots" in commands[-1], "and the comparison picture the new curves"
+    assert "-m sdn readme" in commands[-1], "and the README's table follows the new summary"
 
 
 def test_make_refreshes_the_readme_after_the_pipeline() -> None:
     # `make` rewrites metrics/summary.md; the README's copy of it must follow, or `make test` fails
     result = subprocess.run([*MAKE, "-n", "all"], cwd=REPO, capture_output=True, text=True, check=True)
     commands = [line for line in result.stdout.splitlines() if "dvc repro" in line or " -m sdn " in line]
-    kinds = [("dvc repro" in line, "sdn readme" in line, "sdn plots" in line) for line in commands]
-    assert kinds == [(True, False, False), (True, False, False), (False, True, False), (False, False, True)]
-    # the enabled runs less the opt-in ones, then the summary alone (it reads every committed eval.json)
+    kinds = [("dvc repro" in line, "sdn readme" in line) for line in commands]
+    assert kinds == [(True, False), (True, False), (False, True)]
+    # the enabled runs less the opt-in ones, then the summary and the picture alone (they read every
+    # committed eval.json and val.csv)
     assert "-m sdn pipeline targets" in commands[0]
-    assert commands[1].split()[-3:] == ["repro", "--single-item", "summary"]
+    assert commands[1].split()[-4:] == ["repro", "--single-item", "summary", "comparison"]
     assert "--force" not in result.stdout
     assert "--force" not in (REPO / "Makefile").read_text()
 
@@ -426,7 +428,8 @@ def test_exp_run_set_param_reruns_that_experiment_only(built: Build, tmp_path: P
     project = copy_of(built, tmp_path)
     out = output_of(project.dvc("exp", "run", "-S", "experiments.photos32-sdn.model.sdn_num_dirs=1"))
     assert sorted(stages_run(out)) == sorted(
-        [f"{stage}@photos32-sdn" for stage in ("train", "evaluate", "sample")] + ["summary"]), out[-3000:]
+        [f"{stage}@photos32-sdn" for stage in ("train", "evaluate", "sample")] + ["summary", "comparison"]
+    ), out[-3000:]
 
 
 EDITED_EVALUATION = """
@@ -476,7 +479,8 @@ def test_queued_experiment_runs_and_records_its_own_code_then_travels(built: Bui
     logs = run("queue", "logs", "edited-code")
     assert "[edited] this evaluation ran the queued experiment's own code" in logs
     assert sorted(set(stages_run(logs))) == sorted(
-        [f"{stage}@{name}" for name in DEFAULT_EXPERIMENTS for stage in ("evaluate", "sample")] + ["summary"])
+        [f"{stage}@{name}" for name in DEFAULT_EXPERIMENTS for stage in ("evaluate", "sample")]
+        + ["summary", "comparison"])
 
     shown = json.loads(run("exp", "show", "--json"))
     experiment = next(exp for exp in shown[-1]["experiments"] if exp["name"] == "edited-code")
@@ -543,20 +547,23 @@ def test_push_then_pull_into_a_fresh_clone_leaves_nothing_to_run(built: Build, t
 
 
 def test_changed_parameter_shows_only_that_experiments_stages_as_changed(changed: Change) -> None:
-    # the summary reads every enabled experiment's baseline and reported figures, so it is stale too
+    # the summary and the picture read every enabled experiment's baseline (and the summary its
+    # reported figures), so they are stale too
     stages = {f"{stage}@{CHANGED}" for stage in ("train", "evaluate", "sample")}
-    assert set(changed.status_before) == stages | {"summary"}
+    assert set(changed.status_before) == stages | {"summary", "comparison"}
     for stage in stages:
         changes = changed.status_before[stage]
         assert {"changed deps": {"params.yaml": {f"experiments.{CHANGED}": "modified"}}} in changes, stage
     summary_change = {"changed deps": {"params.yaml": {f"experiments.{CHANGED}": "modified"}}}
     assert summary_change in changed.status_before["summary"]
+    assert summary_change in changed.status_before["comparison"]
 
 
 def test_changed_parameter_reruns_only_that_experiment(changed: Change) -> None:
     ran = stages_run(changed.repro_output)
-    assert sorted(ran) == sorted([f"train@{CHANGED}", f"evaluate@{CHANGED}", f"sample@{CHANGED}", "summary"])
-    assert ran[-1] == "summary"
+    assert sorted(ran) == sorted([f"train@{CHANGED}", f"evaluate@{CHANGED}", f"sample@{CHANGED}", "summary",
+                                  "comparison"])
+    assert set(ran[-2:]) == {"summary", "comparison"}
     assert changed.untouched_after == changed.untouched_before
     assert pipeline_status(changed.project) == {}
 

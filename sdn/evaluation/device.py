@@ -76,6 +76,22 @@ def autocast_dtype(precision: int | str, device: torch.device) -> torch.dtype | 
     return None
 
 
+# what each precision asks for, as `precision_used` names it
+PRECISION_MEANS = {"32": "float32", "32-true": "float32", "16-mixed": "float16 autocast",
+                   "bf16-mixed": "bfloat16 autocast"}
+
+
+def precision_used(precision: int | str, device: torch.device) -> str:
+    """The arithmetic `precision_context` really uses on `device`, for the logs: `float32`,
+    `float16 autocast` or `bfloat16 autocast`, followed by the run's precision where that asks for
+    something else (`float32, not trainer.precision 16-mixed` on a CPU)."""
+    dtype = autocast_dtype(precision, device)
+    used = "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
+    if PRECISION_MEANS.get(str(precision)) == used:
+        return used
+    return f"{used}, not trainer.precision {precision}"
+
+
 @contextlib.contextmanager
 def precision_context(precision: int | str, device: torch.device) -> Iterator[None]:
     """Autocast as the run's precision asks (see `autocast_dtype`), or nothing."""

@@ -23,7 +23,7 @@ from sdn.atomic import replace_dir, temp_dir, write_json_atomic
 from sdn.config import ExperimentConfig
 from sdn.data.datamodule import ImageDataModule
 from sdn.evaluation import samples as pictures
-from sdn.evaluation.device import experiment_device, precision_context
+from sdn.evaluation.device import experiment_device, precision_context, precision_used
 from sdn.evaluation.likelihood import evaluate_density
 from sdn.evaluation.spectrum import nyquist_share
 from sdn.training import LAST_CHECKPOINT, load_ema_model
@@ -74,7 +74,7 @@ def evaluate_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, o
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     # wall time and device are printed, not stored: the metrics file must be identical across reruns
     print(f"[sdn] {cfg.name}: evaluated {metrics['num_images']} images x {ev.iw_samples} samples "
-          f"on {device} ({precision}) in {time.perf_counter() - started:.1f} s")
+          f"on {device} ({precision_used(precision, device)}) in {time.perf_counter() - started:.1f} s")
     if model.scores_factors:
         started = time.perf_counter()
         metrics.update(disentanglement_scores(cfg, model, lmdb_dir, device))
@@ -162,6 +162,7 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
     The pictures are built in a temporary folder beside `out_dir` and swapped in when all are
     written, so `out_dir` always holds exactly one run's pictures: a run that fails or is killed
     midway leaves the previous ones, and grids of temperatures no longer configured go."""
+    started = time.perf_counter()
     model, data, device = _load(cfg, lmdb_dir, ckpt_dir)
     first = next(iter(DataLoader(data.dataset("val"), batch_size=max(4, cfg.sample.grid))))[0]
     pictures_to_draw = _pictures_to_draw(cfg, model, model.obs.preprocess(first.to(device)), data)
@@ -178,6 +179,8 @@ def sample_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, out
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise
+    print(f"[sdn] {cfg.name}: drew {len(pictures_to_draw)} pictures on {device} "
+          f"({precision_used(cfg.trainer.precision, device)}) in {time.perf_counter() - started:.1f} s")
     return [out_dir / file_name for file_name, *_ in pictures_to_draw]
 
 

@@ -5,6 +5,7 @@
 - `checkpoints`: atomic checkpoint writes, saves every N steps, resuming only a checkpoint of the
   same configuration (`config_fingerprint`);
 - `curves`: train.csv, val.csv and live.json, written while the run goes;
+- `progress`: the training progress bar, optimizer steps out of `max_steps`;
 - `run`: `train_experiment`, the whole run that `stages/train.py` calls.
 
 The data, their order (`StepBatchSampler`, `ShardSampler`) and the flips come from

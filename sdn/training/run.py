@@ -19,6 +19,7 @@ from sdn.training.checkpoints import (
 )
 from sdn.training.curves import LiveCurves
 from sdn.training.module import VAEModule
+from sdn.training.progress import StepProgressBar
 
 
 def _strategy(name: str) -> str:
@@ -80,7 +81,9 @@ def train_experiment(
         enable_model_summary=False,
         logger=False,
         enable_checkpointing=False,  # StepCheckpoint writes last.ckpt
-        callbacks=[checkpointing, live, *(extra_callbacks or [])],
+        # the bar counts optimizer steps of max_steps: Lightning's would read `Epoch 0/-2`
+        callbacks=[checkpointing, live, *([StepProgressBar()] if trainer_cfg.progress_bar else []),
+                   *(extra_callbacks or [])],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         default_root_dir=str(ckpt_dir),
