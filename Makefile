@@ -85,8 +85,11 @@ plots: install ## Render curves, SDN-vs-CNN comparisons and sample grids (dvc_pl
 	$(DVC) repro --single-item comparison
 
 # Enabling a dataset adds its experiments to dvc.yaml (commit it with the results): from then on
-# `dvc repro`, `dvc status`, metrics, plots and the summary include them.
+# `dvc repro`, `dvc status`, metrics, plots and the summary include them. The download runs once
+# outside DVC first, so that the registry stays as it was until it succeeds (a checksum to pin,
+# no network); DVC's own download stage then finds the verified file and records it.
 $(DATASETS): install
+	$(BIN)/python stages/download.py $@
 	$(BIN)/python -m sdn pipeline enable $@
 	$(DVC) repro $(foreach e,$@-sdn $@-cnn,evaluate@$(e) sample@$(e))
 	$(finish)

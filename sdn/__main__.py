@@ -1,5 +1,7 @@
 """Command line: `python -m sdn info <experiment>`, `python -m sdn inspect <dataset>`, `python -m sdn
-pipeline enable|disable <dataset|experiment>` (which experiments dvc.yaml runs) and `python -m sdn readme`.
+pipeline enable|disable <dataset|experiment>` (which experiments dvc.yaml runs), `python -m sdn pin
+<dataset|experiment>` (a downloaded file's checksum into params.yaml or paper.yaml) and `python -m sdn
+readme`.
 
 Installed as the `sdn` console script: `sdn info photos32-sdn`."""
 
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("dataset")
     inspect.add_argument("--data-root", default="data")
     commands.add_parser("readme", help="copy the table of metrics/summary.md into README.md")
+    commands.add_parser(
+        "pin", help="write the checksum of a downloaded dataset's (or imported checkpoint's) kept file "
+        "into the parameter file that defines it"
+    ).add_argument("name", metavar="dataset|experiment")
     pipeline = commands.add_parser(
         "pipeline",
         help="the experiments dvc.yaml runs: list, targets (what `make` rebuilds), "
@@ -96,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pipeline":
             return pipeline_command(args.action, args.names)
+        if args.command == "pin":
+            from sdn.pinning import pin
+
+            print(pin(args.name))
+            return 0
         if args.command == "info":
             result = info(args.experiment)
         elif args.command == "readme":

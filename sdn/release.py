@@ -364,7 +364,7 @@ def import_release(cfg: ExperimentConfig, raw_root: Path, ckpt_dir: Path) -> Pat
 
     source = release_source(cfg, raw_root)
     release = cfg.release
-    rerun = f"python stages/release.py {cfg.name}"
+    rerun = f"make {cfg.name}"
     if not source.is_file():
         # The link is a web page that serves the file only after a confirmation in a browser:
         # the file is fetched by hand, then verified here as any download is.

@@ -191,7 +191,9 @@ def test_make_dataset_dry_run_reproduces_that_datasets_stages() -> None:
     assert any("summary" in words and "comparison" in words for words in repros), \
         "make <dataset> also refreshes the summary and the comparison picture"
     commands = result.stdout.splitlines()
+    download = next(i for i, line in enumerate(commands) if "stages/download.py cifar10" in line)
     enable = next(i for i, line in enumerate(commands) if "-m sdn pipeline enable cifar10" in line)
+    assert download < enable, "the registry changes only once the download succeeded"
     assert enable < min(i for i, line in enumerate(commands) if "dvc repro" in line), "enabled before it runs"
     assert "-m sdn readme" in commands[-1], "and the README's table follows the new summary"
 
@@ -306,18 +308,36 @@ def test_plots_show_renders_curves_and_sample_grids(built: Build, tmp_path: Path
             assert image["type"] == "image" and Path(image["url"]).is_file()
 
 
-def test_plots_show_overlays_each_sdn_run_with_its_baseline(built: Build, tmp_path: Path) -> None:
+def test_plots_show_the_comparison_picture_and_each_runs_validation_curve(
+    built: Build, tmp_path: Path
+) -> None:
     plots = json.loads(built.project.dvc("plots", "show", "--json", "-o", str(tmp_path)).stdout)["data"]
-    for dataset in DEFAULT_DATASETS:
-        for column in ("neg_elbo_bpd", "kl_bpd"):
-            (plot,) = plots[f"compare/{dataset}-sdn/{column}"]
-            rows = plot["content"]["data"]["values"]
-            runs = {row["filename"].split("/")[0] for row in rows}
-            assert runs == {f"{dataset}-sdn", f"{dataset}-cnn"}, (dataset, column)
-            for run in runs:
-                want = pd.read_csv(built.project.root / "metrics" / run / "val.csv")
-                got = [(int(r["step"]), float(r[column])) for r in rows if r["filename"].startswith(run)]
-                assert got == list(zip(want["step"], want[column], strict=True))
+    (picture,) = plots["metrics/comparison.png"]
+    assert picture["type"] == "image" and Path(picture["url"]).is_file()
+    for name in DEFAULT_EXPERIMENTS:
+        (plot,) = plots[f"metrics/{name}/val.csv"]
+        rows = plot["content"]["data"]["values"]
+        want = pd.read_csv(built.project.root / "metrics" / name / "val.csv")
+        assert [(int(r["step"]), float(r["neg_elbo_bpd"])) for r in rows] == list(
+            zip(want["step"], want["neg_elbo_bpd"], strict=True))
+
+
+def test_plots_show_warns_of_nothing_with_the_imported_run_enabled(built: Build, tmp_path: Path) -> None:
+    # as `make celebahq256-release` leaves it: evaluated and sampled, never trained (no curve)
+    project = copy_of(built, tmp_path)
+    project.run(sys.executable, "-m", "sdn", "pipeline", "enable", "celebahq256-release")
+    metrics = project.root / "metrics" / "celebahq256-release"
+    (metrics / "samples").mkdir(parents=True)
+    shutil.copy(project.root / "metrics" / "photos32-sdn" / "eval.json", metrics / "eval.json")
+    for grid in (project.root / "metrics" / "photos32-sdn" / "samples").glob("samples_t*.png"):
+        shutil.copy(grid, metrics / "samples" / grid.name)
+    shown = project.dvc("plots", "show", "--json", "-o", str(tmp_path / "plots"))
+    out = output_of(shown)
+    assert "failed to load" not in out and "WARNING" not in out, out[-3000:]
+    plots = json.loads(shown.stdout)["data"]
+    assert [path for path in plots if path.startswith("metrics/celebahq256-release/samples/")]
+    assert not [path for path in plots if path.startswith("metrics/celebahq256-release/") and
+                path.endswith(".csv")]
 
 
 def test_offline_clean_dvc_commands_see_only_the_default_runs(built: Build) -> None:

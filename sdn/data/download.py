@@ -103,11 +103,12 @@ def verify_file(path: Path, algorithm: str, expected: str | None, rerun: str, pi
     the line to pin when nothing is pinned)."""
     actual = file_digest(path, algorithm)
     if expected is None:
+        name = pin_key.split(".")[1]
         raise ChecksumError(
-            f"{pin_key} is not set in params.yaml, so {path} ({path.stat().st_size} bytes) cannot be "
-            f"verified. Its {algorithm} is {actual}. Compare it with a source you trust; if it is "
-            f"right, set `{pin_key.rsplit('.', 1)[-1]}: {actual}` under "
-            f"{pin_key.rsplit('.', 1)[0]} in params.yaml and rerun `{rerun}` (the file is kept)."
+            f"{pin_key} is not set, so {path} ({path.stat().st_size} bytes) cannot be verified. Its "
+            f"{algorithm} is {actual}. Compare it with a source you trust; if it is right, `sdn pin "
+            f"{name}` writes it into the parameter file that defines {name}; then `{rerun}` goes on "
+            "(the file is kept)."
         )
     if actual != expected.lower():
         raise ChecksumError(

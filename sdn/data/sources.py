@@ -165,7 +165,7 @@ class RemoteSource(Source):
             raw_dir / file_name(self.cfg["url"]),
             self.algorithm,
             self.cfg[self.algorithm],
-            rerun=f"python stages/download.py {self.name}",
+            rerun=f"make {self.name}",
             pin_key=f"datasets.{self.name}.{self.algorithm}",
         )
 
