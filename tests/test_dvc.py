@@ -424,3 +424,21 @@ def test_parameter_files_survive_dvcs_rewrite_byte_for_byte(tmp_path: Path, file
     base = yaml.safe_load(text)["experiments"][first]["extends"]
     apply_overrides(tmp_path / file, [f"experiments.{first}.extends={base}"])
     assert (tmp_path / file).read_text() == text
+
+
+def test_a_stopped_make_dataset_leaves_the_registry_as_it_was(tmp_path: Path) -> None:
+    from tests.pipeline_project import Project
+    from tests.test_data_download import closed_port_url
+
+    project = Project(tmp_path / "project")
+    paper = project.root / "paper.yaml"
+    cifar = load_params(project.root / "params.yaml")["datasets"]["cifar10"]["url"]
+    paper.write_text(paper.read_text().replace(cifar, closed_port_url("/cifar-10-python.tar.gz")))
+    before = (project.root / "dvc.yaml").read_text()
+    venv = Path(sys.executable).parent.parent
+    done = subprocess.run(["make", "--no-print-directory", "-o", "install", f"VENV={venv}", "cifar10"],
+                          cwd=project.root, env=project.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot reach" in errors[0] and "`make cifar10`" in errors[0], done.stderr
+    assert (project.root / "dvc.yaml").read_text() == before
