@@ -247,7 +247,7 @@ def test_missing_checksum_must_be_pinned(server: FileServer, tmp_path: Path) -> 
     dest = tmp_path / "f.tar"
     sha256 = hashlib.sha256(PAYLOAD).hexdigest()
     with pytest.raises(
-        ChecksumError, match=rf"datasets.demo.sha256 is not set.*{sha256}.*`sha256: {sha256}`"
+        ChecksumError, match=rf"datasets.demo.sha256 is not set.*{sha256}.*`sdn pin demo` writes it"
     ):
         _fetch(server.url("/f.tar"), dest, expected=None, algorithm="sha256")
     assert not dest.exists()

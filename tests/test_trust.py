@@ -103,7 +103,7 @@ def test_hand_placed_archive_with_the_wrong_checksum_is_not_converted(tmp_path: 
     assert not marker.exists() and not (tmp_path / "lmdb" / "cifar10").exists()
 
 
-def test_unpinned_archive_is_not_converted_and_the_message_gives_the_line_to_pin(tmp_path: Path) -> None:
+def test_unpinned_archive_is_not_converted_and_the_message_says_how_to_pin_it(tmp_path: Path) -> None:
     archive = cifar_archive(_cifar_batches(np.random.default_rng(0)), [b"c%d" % i for i in range(10)])
     cfg = _place(tmp_path, archive)
     del cfg["md5"]
@@ -111,7 +111,7 @@ def test_unpinned_archive_is_not_converted_and_the_message_gives_the_line_to_pin
     with pytest.raises(ChecksumError) as info:
         convert_dataset("cifar10", cfg, tmp_path / "raw", tmp_path / "lmdb")
     digest = hashlib.sha256(archive).hexdigest()
-    assert f"set `sha256: {digest}` under datasets.cifar10 in params.yaml" in str(info.value)
+    assert f"Its sha256 is {digest}" in str(info.value) and "`sdn pin cifar10` writes it" in str(info.value)
     assert not (tmp_path / "lmdb" / "cifar10").exists()
 
 
@@ -383,7 +383,8 @@ def test_every_stage_ends_a_known_failure_with_one_error_line(bare_project: Proj
 
 def test_every_stage_has_help_and_a_usage_line(bare_project: Project) -> None:
     stages = sorted(p.stem for p in (REPO / "stages").glob("*.py") if p.stem != "repo_root")
-    assert stages == ["convert", "download", "evaluate", "release", "sample", "summary", "train"]
+    assert stages == ["comparison", "convert", "download", "evaluate", "release", "sample", "summary",
+                      "train"]
     for stage in stages:
         done = bare_project.run(sys.executable, f"stages/{stage}.py", "--help", check=False)
         assert done.returncode == 0, done.stderr[-2000:]
