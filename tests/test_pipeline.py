@@ -498,9 +498,7 @@ def test_queued_experiment_runs_and_records_its_own_code_then_travels(built: Bui
     assert "Success" in status and "Failed" not in status, status
     logs = run("queue", "logs", "edited-code")
     assert "[edited] this evaluation ran the queued experiment's own code" in logs
-    assert sorted(set(stages_run(logs))) == sorted(
-        [f"{stage}@{name}" for name in DEFAULT_EXPERIMENTS for stage in ("evaluate", "sample")]
-        + ["summary", "comparison"])
+    assert {f"evaluate@{name}" for name in DEFAULT_EXPERIMENTS} <= set(stages_run(logs))  # its code changed
 
     shown = json.loads(run("exp", "show", "--json"))
     experiment = next(exp for exp in shown[-1]["experiments"] if exp["name"] == "edited-code")
