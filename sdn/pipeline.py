@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 DATA = Path("data")
 METRICS = Path("metrics")
+# Set for each process of a distributed run: a known failure's `error:` line goes to this file,
+# and the process that launched the run reports it once (sdn.training.processes).
+RANK_ERROR_FILE = "SDN_RANK_ERROR_FILE"
 
 
 def raw_dir(dataset: str) -> Path:
@@ -56,10 +60,20 @@ def run_stage(main: Callable[..., None], usage: str) -> None:
     try:
         main(*args)
     except (SDNError, FileNotFoundError) as err:
-        sys.exit(f"error: {_one_line(err)}")
+        _fail(f"error: {_one_line(err)}")
     except OSError as err:
         why = write_failure(err, err.filename or ".")
         if why is None:
             raise
-        sys.exit(f"error: {why} while writing {err.filename}: free space (or fix the permissions), then "
-                 f"rerun the same command. ({err.strerror})")
+        _fail(f"error: {why} while writing {err.filename}: free space (or fix the permissions), then "
+              f"rerun the same command. ({err.strerror})")
+
+
+def _fail(line: str) -> None:
+    """Exit with status 1 and `line` on stderr, or, in a process of a distributed run, in the file
+    its launcher reads (so that the run ends with one such line, not one per process)."""
+    report = os.environ.get(RANK_ERROR_FILE)
+    if report:
+        Path(report).write_text(line + "\n")
+        sys.exit(1)
+    sys.exit(line)

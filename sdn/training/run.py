@@ -18,7 +18,9 @@ from sdn.training.checkpoints import (
     resumable_checkpoint,
 )
 from sdn.training.curves import LiveCurves
+from sdn.training.machine import MachineFit, fit_to_machine
 from sdn.training.module import VAEModule
+from sdn.training.processes import launched_rank, reports_for_the_run, run_ranks
 
 
 def _strategy(name: str) -> str:
@@ -36,15 +38,28 @@ def train_experiment(
     metrics_dir: Path,
     stale_dir: Path = Path("data/stale-checkpoints"),
     extra_callbacks: list[pl.Callback] | None = None,
-) -> VAEModule:
-    """Train (or resume) one experiment; writes `last.ckpt` and the training curves."""
+    fit: MachineFit | None = None,
+) -> VAEModule | None:
+    """Train (or resume) one experiment on this machine; writes `last.ckpt` and the training curves.
+
+    `fit` (by default `fit_to_machine(cfg)`) says how: with several processes, the process that
+    starts the run launches one per rank, this same command (`run_ranks`), waits for them and
+    returns None; each rank, and a run in one process, trains and returns its module."""
+    fit = fit_to_machine(cfg) if fit is None else fit
+    rank = launched_rank()
+    if fit.summary and reports_for_the_run():
+        print(f"[sdn] {fit.summary}")
+    run_cfg = fit.run_config(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = ImageDataModule.for_experiment(cfg, lmdb_dir)
-
-    trainer_cfg, train = cfg.trainer, cfg.train
-    k = train.accumulate_grad_batches
+    # opened (and checked) here, before any rank starts: a data error is reported once
+    data = ImageDataModule.for_experiment(run_cfg, lmdb_dir, pin_memory=fit.accelerator == "gpu")
     resume = resumable_checkpoint(ckpt_dir, config_fingerprint(cfg), stale_dir)
+    if fit.distributed and rank is None:
+        run_ranks(fit.processes)
+        return None
 
+    trainer_cfg, train = run_cfg.trainer, run_cfg.train
+    k = train.accumulate_grad_batches
     validates = data.val_limit != 0
     checkpointing = StepCheckpoint(
         ckpt_dir / LAST_CHECKPOINT, train.ckpt_every_steps, train.val_every_steps if validates else None
@@ -55,7 +70,7 @@ def train_experiment(
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
         strategy=_strategy(trainer_cfg.strategy),
-        precision=trainer_cfg.precision,
+        precision=fit.precision,
         deterministic=trainer_cfg.deterministic,
         max_steps=train.max_steps,
         max_epochs=-1,
@@ -77,8 +92,9 @@ def train_experiment(
     )
     if resume is not None:
         data.start_step = int(load_checkpoint_file(resume)["global_step"])
-        print(f"[sdn] resuming {cfg.name} from {resume} at step {data.start_step}")
-    module = VAEModule(cfg, steps_per_epoch=data.steps_per_epoch(trainer.world_size))
+        if not rank:  # rank 0, or a run in one process
+            print(f"[sdn] resuming {cfg.name} from {resume} at step {data.start_step}")
+    module = VAEModule(run_cfg, steps_per_epoch=data.steps_per_epoch(trainer.world_size))
     with warnings.catch_warnings():
         # Lightning cannot see that StepBatchSampler restarts at the checkpoint's step
         warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch")
