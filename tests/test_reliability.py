@@ -288,14 +288,17 @@ def faulty_env(project: Project, faults_dir: Path, **settings: str) -> dict[str,
     return env
 
 
-def leftover_processes(project: Project) -> list[int]:
+def leftover_processes(project: Project, local_rank: str | None = None) -> list[int]:
     """Processes still running (not zombies) that were started with the project's mark
-    (SDN_TEST_PROJECT, see `faulty_env`): ranks, loader workers, anything they started."""
-    mark = f"SDN_TEST_PROJECT={project.root}".encode()
+    (SDN_TEST_PROJECT, see `faulty_env`): ranks, loader workers, anything they started; with
+    `local_rank`, those whose LOCAL_RANK is that (a rank and its loader workers)."""
+    wanted = {f"SDN_TEST_PROJECT={project.root}".encode()}
+    if local_rank is not None:
+        wanted.add(f"LOCAL_RANK={local_rank}".encode())
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            marked = mark in (proc / "environ").read_bytes().split(b"\0")
+            marked = wanted <= set((proc / "environ").read_bytes().split(b"\0"))
             running = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
         except (OSError, IndexError):  # not a process folder, gone, or not ours to read
             continue
@@ -903,7 +906,8 @@ DDP_MACHINE, ONE_PROCESS = "2", "1"
 
 
 def two_device_run(project: Project, **train: Any) -> None:
-    set_experiment(project, "train", batch_size=4, max_steps=6, val_every_steps=3, val_batches=3, **train)
+    set_experiment(project, "train", **{"batch_size": 4, "max_steps": 6, "val_every_steps": 3,
+                                        "val_batches": 3, **train})
     set_experiment(project, "evaluate", batch_size=10)  # validation: 3 batches of 10, 15 per process
     set_experiment(project, "trainer", accelerator="cpu", devices=2, strategy="ddp")
 
@@ -1009,13 +1013,54 @@ def test_a_run_that_switches_between_ddp_and_one_process_at_a_checkpoint_agrees(
         remove_outputs(project)
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_mid_run_takes_every_process_with_it(
+    photos_project: Project, faults_dir: Path
+) -> None:
+    # Lightning's own launcher made rank 0 the parent: rank 1 dying left it waiting in a collective
+    project = photos_project
+    two_device_run(project, max_steps=400, ckpt_every_steps=2, val_every_steps=200)
+    set_experiment(project, "trainer", num_workers=1)  # loader workers must go with their ranks
+    ckpt = project.root / "data" / "checkpoints" / EXPERIMENT / LAST_CHECKPOINT
+    env = faulty_env(project, faults_dir, SDN_CPU_DEVICES=DDP_MACHINE)
+    process = subprocess.Popen([sys.executable, "stages/train.py", EXPERIMENT], cwd=project.root, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ckpt.exists():  # training, past its first steps
+            assert process.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        rank_1_and_worker = leftover_processes(project, local_rank="1")
+        rank_1 = [pid for pid in rank_1_and_worker if parent_of(pid) not in rank_1_and_worker]
+        assert len(rank_1_and_worker) == 2 and len(rank_1) == 1, rank_1_and_worker
+        os.kill(rank_1[0], signal.SIGKILL)
+        killed = time.monotonic()
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+    assert time.monotonic() - killed < 30  # stopped at once, not at gloo's timeout
+    assert process.returncode == 1
+    lines = stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]] == [
+        "error: training process rank 1 of 2 was killed (SIGKILL, perhaps out of memory); all 2 training "
+        "processes were stopped. The last checkpoint is kept: rerun the same command to resume from it."
+    ]
+    assert leftover_processes(project) == []
+    assert 0 < load_checkpoint(ckpt)["global_step"] < 400
+
+
 @pytest.mark.slow
 def test_a_known_failure_under_ddp_ends_with_one_error_line_and_no_process(
     photos_project: Project, faults_dir: Path
 ) -> None:
     project = photos_project
     two_device_run(project, lr=1e6)
-    set_experiment(project, "trainer", num_workers=1)  # loader workers must go with their ranks
+    set_experiment(project, "trainer", num_workers=1)
     env = faulty_env(project, faults_dir, SDN_CPU_DEVICES=DDP_MACHINE)
     done = stage_process(project, "train", EXPERIMENT, env)
     assert done.returncode == 1, done.stderr[-3000:]
