@@ -19,8 +19,15 @@ import pytest
 import torch
 
 from sdn.config import experiment_config, load_params
+from sdn.data.datamodule import ImageDataModule
 from sdn.errors import ConfigError
-from sdn.training import config_fingerprint, fit_to_machine, load_checkpoint_file, micro_batches_per_step
+from sdn.training import (
+    config_fingerprint,
+    fit_to_machine,
+    load_checkpoint_file,
+    micro_batches_per_step,
+    train_experiment,
+)
 from tests.pipeline_project import MICRO_DENSITY, REPO, Project
 from tests.test_reliability import leftover_processes, write_random_split
 
@@ -120,6 +127,26 @@ def test_one_device_runs_are_left_as_configured(name):
         assert (fitted.strategy, fitted.precision) == ("auto", str(cfg.trainer.precision))
         assert fitted.summary is None
         assert fitted.run_config(cfg).train == cfg.train
+
+
+class DataOpened(Exception):
+    pass
+
+
+def test_training_on_a_gpu_reads_batches_from_pinned_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    # (tests/test_gpu.py watches the loader of a real GPU run; here the request, on any machine)
+    pinned = []
+
+    def opened(cls, cfg, lmdb_dir, splits=("train", "val"), pin_memory=False):
+        pinned.append(pin_memory)
+        raise DataOpened
+
+    monkeypatch.setattr(ImageDataModule, "for_experiment", classmethod(opened))
+    cfg = preset("photos32-cnn")
+    for gpus in (1, 0):
+        with pytest.raises(DataOpened):
+            train_experiment(cfg, tmp_path, tmp_path, tmp_path, fit=fit_to_machine(cfg, gpus=gpus))
+    assert pinned == [True, False]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ class VAEModule(pl.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self._update_ema()
+        self.update_ema()
 
     @property
     def eval_model(self) -> nn.Module:
@@ -142,7 +142,8 @@ class VAEModule(pl.LightningModule):
         return self.model if self.ema is None else self.ema
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
+    def update_ema(self) -> None:
+        """Average the raw weights into the EMA twin (after each optimizer step); nothing without EMA."""
         if self.ema is None:
             return
         coef = self.cfg.train.ema_coef
