@@ -29,6 +29,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -89,17 +90,23 @@ def _free(device: torch.device) -> None:
 def measure(cfg: ExperimentConfig, precision: str, device: torch.device, repeats: int) -> dict[str, Any]:
     """The figures of one precision, on a fresh model with its EMA twin and optimizer."""
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, precision=precision))
+    on_gpu = device.type == "cuda"
     torch.manual_seed(0)
-    if device.type == "cuda":
+    if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     with torch.device(device):  # built where it trains: no copy of 10^8 weights, initialised there
-        module = VAEModule(cfg)
+        module = VAEModule(cfg).to(device)
+    # trained as Lightning trains it (`trainer.deterministic`), evaluated as the evaluate stage does
+    torch.use_deterministic_algorithms(cfg.trainer.deterministic)
     figures = {"precision": precision, **time_training(module, precision, device, repeats)}
-    figures.update(time_evaluation(module.eval_model.eval(), cfg, precision, device))
-    # the most the GPU held: weights, EMA, optimizer state and a micro-batch's activations, or
-    # the evaluation's forward (the CPU has no such counter)
-    on_gpu = device.type == "cuda"
+    torch.use_deterministic_algorithms(False)
+    # the most the GPU held in training: weights, EMA, optimizer state, a micro-batch's activations
+    # (the CPU keeps no such count)
     figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GIB if on_gpu else None
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    figures.update(time_evaluation(module.eval_model.eval(), cfg, precision, device))
+    figures["eval_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GIB if on_gpu else None
     return figures
 
 
@@ -154,15 +161,15 @@ def time_evaluation(
         return min(timed(device, forward) for _ in range(2)) / rows
 
     asked = rows = min(ev.chunk_size, ev.iw_samples * ev.batch_size)
-    while True:
+    figures: dict[str, Any] = {}
+    while not figures:
         try:
-            figures: dict[str, Any] = {"eval_rows": rows, "eval_row_s": per_row(rows)}
-            break
+            figures = {"eval_rows": rows, "eval_row_s": per_row(rows)}
         except (RuntimeError, torch.OutOfMemoryError) as error:
             if not is_out_of_memory(error) or rows == 1:
                 raise
-            _free(device)
             rows //= 2
+        _free(device)  # out here: the error's traceback no longer holds the failed forward's tensors
     if rows < asked:
         figures["eval_out_of_memory"] = (f"evaluate.chunk_size: {ev.chunk_size} runs out of memory here "
                                          f"({asked} rows); {rows} rows fit")
@@ -199,6 +206,8 @@ def benchmark(
 ) -> dict[str, Any]:
     """Every figure of experiment `name` on `device`, by precision (default: its own, then bf16-mixed)."""
     cfg = experiment_config(load_params(params_file), name)
+    if cfg.trainer.deterministic:  # what Lightning sets for deterministic cuBLAS, before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     own = str(cfg.trainer.precision)
     if device.type == "cpu" and own == "16-mixed":
         own = "32-true"  # what the machine fit trains such a run in on a CPU
