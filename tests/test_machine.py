@@ -68,6 +68,7 @@ def fit(name: str, gpus: int, cpu_devices: int = 1, **trainer: Any):
 def test_paper_preset_keeps_its_global_batch_on_fewer_gpus(gpus, processes, micro_batches, strategy, summary):
     fitted = fit("cifar10-sdn", gpus)
     assert (fitted.accelerator, fitted.processes, fitted.micro_batches) == ("gpu", processes, micro_batches)
+    assert fitted.launches_ranks == (processes > 1)
     assert (fitted.strategy, fitted.precision, fitted.summary) == (strategy, "16-mixed", summary)
     assert fitted.processes * fitted.micro_batches * 32 == 256  # the release's global batch
 
@@ -176,6 +177,14 @@ def test_a_gpu_preset_without_a_gpu_is_refused_with_how_to_run_it_on_the_cpu(nam
 def test_gpu_settings_of_any_run_are_refused_without_a_gpu(trainer, named):
     with pytest.raises(ConfigError, match=f"^{named}, but this machine has none"):
         fit("photos32-sdn", gpus=0, **trainer)
+
+
+def test_several_nodes_and_device_lists_are_left_to_lightning():
+    nodes = fit("cifar10-sdn", gpus=1, num_nodes=2)  # each node's launcher starts its processes
+    assert (nodes.processes, nodes.micro_batches, nodes.strategy) == (8, 1, "ddp")
+    assert not nodes.launches_ranks
+    listed = fit("cifar10-sdn", gpus=2, devices="0,1")
+    assert (listed.processes, listed.micro_batches, listed.launches_ranks) == ("0,1", 1, False)
 
 
 def test_an_unknown_accelerator_is_named():

@@ -38,7 +38,9 @@ CPU_PRECISION = {"16-mixed": "32-true"}
 class MachineFit:
     """What training runs with on this machine: `processes` DDP processes on `accelerator`, each
     accumulating `micro_batches` micro-batches per optimizer step, under `precision`. `summary`
-    is the line that says what differs from the configuration (None where nothing does)."""
+    is the line that says what differs from the configuration (None where nothing does).
+    `launches_ranks`: several processes on this machine alone, which the process that starts the
+    run launches (`sdn.training.processes.run_ranks`)."""
 
     accelerator: str
     processes: int | str  # a string only where `trainer.devices` is one Lightning reads ("auto", "0,1")
@@ -46,10 +48,7 @@ class MachineFit:
     precision: str
     strategy: str
     summary: str | None = None
-
-    @property
-    def distributed(self) -> bool:
-        return isinstance(self.processes, int) and self.processes > 1
+    launches_ranks: bool = False
 
     def run_config(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """`cfg` as this machine runs it: devices, strategy and accumulation fitted. The precision
@@ -137,7 +136,8 @@ def fit_to_machine(
         strategy = "auto" if asked > 1 else trainer.strategy
     else:  # the processes are launched by sdn.training.processes, never spawned by Lightning
         strategy = "ddp" if trainer.strategy in ("auto", "ddp_spawn") else trainer.strategy
-    return MachineFit(accelerator, processes, micro_batches, precision, strategy, _summary(cfg.name, notes))
+    return MachineFit(accelerator, processes, micro_batches, precision, strategy, _summary(cfg.name, notes),
+                      launches_ranks=processes > 1)
 
 
 def _no_gpu(cfg: ExperimentConfig, key: str) -> str:

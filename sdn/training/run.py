@@ -54,7 +54,7 @@ def train_experiment(
     # opened (and checked) here, before any rank starts: a data error is reported once
     data = ImageDataModule.for_experiment(run_cfg, lmdb_dir, pin_memory=fit.accelerator == "gpu")
     resume = resumable_checkpoint(ckpt_dir, config_fingerprint(cfg), stale_dir)
-    if fit.distributed and rank is None:
+    if fit.launches_ranks and rank is None:
         run_ranks(fit.processes)
         return None
 
