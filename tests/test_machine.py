@@ -8,7 +8,7 @@ them at a checkpoint)."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import subprocess
 import sys
 import time
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from sdn.config import experiment_config, load_params
+from sdn.config import ExperimentConfig, experiment_config, load_params
 from sdn.data.datamodule import ImageDataModule
 from sdn.errors import ConfigError
 from sdn.training import (
@@ -36,12 +36,11 @@ PAPER_DENSITY_RUNS = ["cifar10-sdn", "cifar10-cnn", "imagenet32-sdn", "imagenet3
                       "celebahq256-cnn"]
 
 
-def preset(name: str, **trainer: Any):
-    """Experiment `name` as committed, its `trainer:` section overridden by `trainer`."""
-    params = copy.deepcopy(PARAMS)
-    experiment = params["experiments"][name]
-    experiment["trainer"] = {**(experiment.get("trainer") or {}), **trainer}
-    return experiment_config(params, name)
+def preset(name: str, train: dict[str, Any] | None = None, **trainer: Any) -> ExperimentConfig:
+    """Experiment `name` as committed, with `trainer` and `train` settings replaced."""
+    cfg = experiment_config(PARAMS, name)
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, **trainer),
+                               train=dataclasses.replace(cfg.train, **(train or {})))
 
 
 def fit(name: str, gpus: int, cpu_devices: int = 1, **trainer: Any):
@@ -74,9 +73,7 @@ def test_paper_preset_keeps_its_global_batch_on_fewer_gpus(gpus, processes, micr
 
 
 def test_the_fit_multiplies_a_configured_accumulation():
-    params = copy.deepcopy(PARAMS)
-    params["experiments"]["celebahq256-sdn"]["train"]["accumulate_grad_batches"] = 2
-    fitted = fit_to_machine(experiment_config(params, "celebahq256-sdn"), gpus=2)
+    fitted = fit_to_machine(preset("celebahq256-sdn", train={"accumulate_grad_batches": 2}), gpus=2)
     assert (fitted.processes, fitted.micro_batches) == (2, 8)
     assert fitted.summary == ("celebahq256-sdn: 8 devices asked, 2 GPUs visible: 2 processes x 8 "
                               "micro-batches of 4 per step (global batch 64, as configured)")
@@ -207,12 +204,8 @@ def test_a_fitted_run_has_the_configured_runs_fingerprint(gpus):
 
 def test_the_fingerprint_sees_the_global_batch_not_its_split():
     def edited(devices: int, accumulate: int, batch_size: int = 32) -> str:
-        params = copy.deepcopy(PARAMS)
-        experiment = params["experiments"]["cifar10-sdn"]
-        experiment["trainer"] = {**experiment["trainer"], "devices": devices}
-        experiment["train"] = {**experiment["train"], "accumulate_grad_batches": accumulate,
-                               "batch_size": batch_size}
-        return config_fingerprint(experiment_config(params, "cifar10-sdn"))
+        train = {"accumulate_grad_batches": accumulate, "batch_size": batch_size}
+        return config_fingerprint(preset("cifar10-sdn", train=train, devices=devices))
 
     release = edited(8, 1)
     assert edited(1, 8) == edited(2, 4) == edited(4, 2) == release  # one run, resumable on any machine
