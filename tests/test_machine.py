@@ -28,6 +28,7 @@ from sdn.training import (
     micro_batches_per_step,
     train_experiment,
 )
+from sdn.training.module import VAEModule, recount_micro_batches
 from tests.pipeline_project import MICRO_DENSITY, REPO, Project
 from tests.test_reliability import leftover_processes, write_random_split
 
@@ -278,3 +279,16 @@ def test_cifar10_preset_with_accelerator_cpu_trains_in_one_process_of_8_micro_ba
     assert checkpoint["sdn_fingerprint"] == config_fingerprint(experiment_config(project.read_params(),
                                                                                  "cifar10-sdn"))
     assert leftover_processes(project) == []
+
+
+def test_a_checkpoint_read_outside_a_trainer_keeps_its_counters():
+    # only a Trainer's resume recounts Lightning's batch counters (sdn.training.module)
+    module = VAEModule(experiment_config(PARAMS, "photos32-cnn"))
+    counters = {"ready": 8, "started": 8, "processed": 8, "completed": 7}
+    checkpoint = {"sdn_micro_batches": 2, "loops": {"fit_loop": {"epoch_loop.batch_progress": {
+        "total": dict(counters), "current": dict(counters)}}}}
+    module.on_load_checkpoint(checkpoint)
+    assert checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"] == counters
+    recount_micro_batches(checkpoint, 8)  # 4 steps of 2 micro-batches, the last not yet completed
+    assert checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"] == {
+        "ready": 32, "started": 32, "processed": 32, "completed": 31}

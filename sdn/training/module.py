@@ -210,7 +210,8 @@ class VAEModule(pl.LightningModule):
         curves = checkpoint.get("sdn_curves", {})
         self.train_rows = list(curves.get("train", []))
         self.val_rows = list(curves.get("val", []))
-        recount_micro_batches(checkpoint, self.trainer.accumulate_grad_batches)
+        if self._trainer is not None:  # resumed by a Trainer, whose loops read the counters next
+            recount_micro_batches(checkpoint, self.trainer.accumulate_grad_batches)
 
 
 # The micro-batches each process accumulated per optimizer step in the run that wrote a checkpoint.
