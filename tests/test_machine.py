@@ -220,22 +220,23 @@ def test_the_fingerprint_sees_the_global_batch_not_its_split():
 
 
 def cifar10_project(root: Path, **trainer: Any) -> Project:
-    """A project whose cifar10-sdn is the committed preset with `trainer` added; with `trainer`,
-    its model and run shrunk to seconds (the trainer section stays as committed) and random
-    CIFAR-shaped data of one global batch and a bit."""
+    """A project whose cifar10-sdn is the committed preset, or, with `trainer`, the committed
+    preset with `trainer` added, its model and run shrunk to seconds (the rest of its trainer
+    section as committed) and random CIFAR-shaped data of one global batch and a bit."""
     project = Project(root)
+    if not trainer:
+        return project
     params = project.read_params()
     experiment = params["experiments"]["cifar10-sdn"]
     experiment["trainer"].update(trainer)
-    if trainer:
-        experiment["model"].update({**MICRO_DENSITY, "ds_list": [1], "sdn_max_scale": 16})
-        experiment["train"].update(max_steps=2, val_every_steps=2, val_batches=1, ckpt_every_steps=2)
-        experiment["evaluate"].update(batch_size=16)
-        experiment["sample"].update(interpolation_layers=[1], neighbourhood_layers=1)
-        lmdb = root / "data" / "lmdb" / "cifar10"
-        write_random_split(lmdb / "train", 300, size=32, seed=1, dataset="cifar10")
-        write_random_split(lmdb / "val", 16, size=32, seed=2, dataset="cifar10")
+    experiment["model"].update({**MICRO_DENSITY, "ds_list": [1], "sdn_max_scale": 16})
+    experiment["train"].update(max_steps=2, val_every_steps=2, val_batches=1, ckpt_every_steps=2)
+    experiment["evaluate"].update(batch_size=16)
+    experiment["sample"].update(interpolation_layers=[1], neighbourhood_layers=1)
     project.write_params(params)
+    lmdb = root / "data" / "lmdb" / "cifar10"
+    write_random_split(lmdb / "train", 300, size=32, seed=1, dataset="cifar10")
+    write_random_split(lmdb / "val", 16, size=32, seed=2, dataset="cifar10")
     return project
 
 
