@@ -229,10 +229,9 @@ def cifar10_project(root: Path, **trainer: Any) -> Project:
     params = project.read_params()
     experiment = params["experiments"]["cifar10-sdn"]
     experiment["trainer"].update(trainer)
-    experiment["model"].update({**MICRO_DENSITY, "ds_list": [1], "sdn_max_scale": 16})
+    # deep enough for the preset's sample settings (interpolation_layers [4, 5])
+    experiment["model"].update({**MICRO_DENSITY, "depth": 6, "ds_list": [5], "sdn_max_scale": 16})
     experiment["train"].update(max_steps=2, val_every_steps=2, val_batches=1, ckpt_every_steps=2)
-    experiment["evaluate"].update(batch_size=16)
-    experiment["sample"].update(interpolation_layers=[1], neighbourhood_layers=1)
     project.write_params(params)
     lmdb = root / "data" / "lmdb" / "cifar10"
     write_random_split(lmdb / "train", 300, size=32, seed=1, dataset="cifar10")
