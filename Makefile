@@ -24,7 +24,8 @@ define finish
 $(DVC) repro --single-item summary comparison
 $(BIN)/python -m sdn readme
 endef
-.PHONY: all help install lock test test-slow lint bench metrics diff plots summary readme showcase celebahq256-release \
+.PHONY: all help install lock test test-slow lint bench gpu-check metrics diff plots summary readme showcase \
+	celebahq256-release \
 	$(DATASETS)
 
 # `make` rebuilds the enabled runs except the opt-in showcase (an hour more: `make showcase`); the
@@ -73,6 +74,10 @@ bench: install ## Run the benchmarks (SDN layer against a per-line loop; LMDB lo
 	$(BIN)/python benchmarks/data_loader.py
 	$(BIN)/python benchmarks/step_time.py photos32-sdn
 	$(BIN)/python benchmarks/step_time.py sprites-sdn
+
+# Without CUDA it says so and does nothing; on one H100 it takes under 10 minutes.
+gpu-check: install ## On a GPU: tiny dvc repro on CUDA, then each paper preset's step time, memory and GPU-hours (benchmarks/gpu_check.json)
+	$(BIN)/python benchmarks/gpu_check.py
 
 metrics: install ## Show the committed metrics as a markdown table
 	$(DVC) metrics show --md

@@ -74,6 +74,10 @@ class NonFiniteLossError(SDNError, RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
+class TrainingProcessError(SDNError, RuntimeError):
+    """A process of a distributed run failed; every other one was stopped with it."""
+
+
 class CheckpointError(SDNError, RuntimeError):
     """A checkpoint that cannot be used: damaged, or made with another configuration."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -11,6 +12,9 @@ DATA = Path("data")
 METRICS = Path("metrics")
 CHECKOUT = Path(__file__).resolve().parents[1]  # the repository this `sdn` belongs to
 CODE_ROOTS = ("sdn", "stages")  # a dep under these is code; the others are data
+# Set for each process of a distributed run: a known failure's `error:` line goes to this file,
+# and the process that launched the run reports it once (sdn.training.processes).
+RANK_ERROR_FILE = "SDN_RANK_ERROR_FILE"
 
 
 def raw_dir(dataset: str) -> Path:
@@ -99,13 +103,23 @@ def run_stage(main: Callable[..., None], usage: str) -> None:
     try:
         main(*args)
     except (SDNError, FileNotFoundError) as err:
-        sys.exit(f"error: {_one_line(err)}")
+        _fail(f"error: {_one_line(err)}")
     except OSError as err:
         why = write_failure(err, err.filename or ".")
         if why is None:
             raise
-        sys.exit(f"error: {why} while writing {err.filename}: free space (or fix the permissions), then "
-                 f"rerun the same command. ({err.strerror})")
+        _fail(f"error: {why} while writing {err.filename}: free space (or fix the permissions), then "
+              f"rerun the same command. ({err.strerror})")
+
+
+def _fail(line: str) -> None:
+    """Exit with status 1 and `line` on stderr, or, in a process of a distributed run, in the file
+    its launcher reads (so that the run ends with one such line, not one per process)."""
+    report = os.environ.get(RANK_ERROR_FILE)
+    if report:
+        Path(report).write_text(line + "\n")
+        sys.exit(1)
+    sys.exit(line)
 
 
 def _check_checkout(main: Callable[..., None]) -> None:
@@ -117,5 +131,5 @@ def _check_checkout(main: Callable[..., None]) -> None:
     here = (Path(script).resolve().parents[1] / "sdn").resolve()
     loaded = Path(__file__).resolve().parent
     if loaded != here:
-        sys.exit(f"error: {script} imported sdn from {loaded}, not from its own checkout ({here}): "
-                 "import stages/repo_root.py first in every stage script.")
+        _fail(f"error: {script} imported sdn from {loaded}, not from its own checkout ({here}): "
+              "import stages/repo_root.py first in every stage script.")

@@ -228,7 +228,9 @@ def sweep(a: Tensor, cell: nn.GRUCell, direction: int) -> Tensor:
     if cell.bias_ih is None:
         raise ValueError("the correction cell needs biases: build it as nn.GRUCell(3F, F)")
     dtype = a.dtype
-    if torch.is_autocast_enabled(a.device.type) and a.dtype in (torch.float16, torch.bfloat16):
+    # (a device without autocast, such as `meta`, cannot even be asked whether it is on)
+    autocast = torch.amp.is_autocast_available(a.device.type) and torch.is_autocast_enabled(a.device.type)
+    if autocast and a.dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
     axis, _ = _SWEEPS[direction]
     if a.shape[3 if axis == "columns" else 2] == 1:

@@ -815,6 +815,41 @@ def test_every_experiment_has_the_pinned_size(name):
     assert count_parameters(build_on_meta(cfg, prepared=True)) == trained
 
 
+def distinct_models() -> list[str]:
+    """One experiment per distinct network (the showcase and the release's checkpoint share theirs)."""
+    seen, names = set(), []
+    for name in PARAMS["experiments"]:
+        cfg = experiment_config(PARAMS, name)
+        network = json.dumps([dataclasses.asdict(cfg.model), cfg.train.weight_norm], sort_keys=True)
+        if network not in seen:
+            seen.add(network)
+            names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("name", distinct_models())
+def test_every_experiment_trains_and_samples_at_full_size_on_the_meta_device(name):
+    # A shape that only breaks at paper scale, or a tensor made on the wrong device, should not
+    # first show on a GPU. Only the model is built under the meta device: its forward, backward
+    # and sampling run outside it, so a tensor the model made without a device would be a CPU
+    # tensor and clash with the meta ones.
+    cfg = experiment_config(PARAMS, name)
+    model = build_on_meta(cfg, prepared=True)
+    size, channels = cfg.model.image_size, cfg.model.channels
+    images = torch.empty(cfg.train.batch_size, channels, size, size, dtype=torch.uint8, device="meta")
+    loss = model.loss(model(model.obs.preprocess(images)), step=0).mean()
+    loss.backward()
+    assert loss.device.type == "meta" and loss.shape == ()
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    top_up = f"ladder.{getattr(cfg.model, 'depth', 0) - 1}.up_b."  # the top layer's bottom-up output,
+    assert all(name.startswith(top_up) for name in unused), unused  # which the loss ignores as released
+    grads = [(p.grad, p) for p in model.parameters() if p.grad is not None]
+    assert all(g.device.type == "meta" and g.shape == p.shape for g, p in grads)
+    with torch.no_grad():
+        samples = model.sample(2, temperature=0.8)
+    assert samples.device.type == "meta" and samples.shape == (2, channels, size, size)
+
+
 DENSITY_RUNS = [name for name in PARAMS["experiments"] if dataset_of(PARAMS, name) in PAPER_LADDERS]
 
 

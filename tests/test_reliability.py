@@ -3,9 +3,11 @@
 * resume: a crash or SIGKILL mid-run, then the same command again, ends with the weights, curves
   and metrics of an uninterrupted run; damaged checkpoints and those of another configuration
   are set aside, never resumed; a checkpoint is never half-written under its final name;
-* processes: DDP on two CPU processes (gloo) equals one process with the same global batch,
-  only rank 0 writes, validation sees every image once; accumulating k micro-batches equals one
-  k-times larger batch;
+* processes: DDP on two CPU processes (gloo) equals one process that the machine fit makes
+  accumulate the same global batch, step by step, and so does a run that switches between the
+  two at a checkpoint; only rank 0 writes, validation sees every image once; a failure in one
+  process ends the run with one error line and no process left; accumulating k micro-batches
+  equals one k-times larger batch;
 * bad input: misspelt or mistyped parameters, corrupt or truncated LMDB, images of the wrong
   size, a missing dataset, a non-finite loss, a full disk and kills while writing outputs.
 
@@ -88,10 +90,12 @@ def tiny_cfg(**train: Any) -> ExperimentConfig:
     return experiment_config(tiny_params(**train), EXPERIMENT)
 
 
-def write_random_split(path: Path, count: int, size: int = IMAGE_SIZE, seed: int = 0) -> None:
+def write_random_split(
+    path: Path, count: int, size: int = IMAGE_SIZE, seed: int = 0, dataset: str = "photos32"
+) -> None:
     images = np.random.default_rng(seed).integers(0, 256, (count, 3, size, size), dtype=np.uint8)
     labels = np.zeros((count, 1), dtype=np.int64)
-    meta = SplitMetadata(dataset="photos32", split=path.name, count=0, shape=(3, size, size),
+    meta = SplitMetadata(dataset=dataset, split=path.name, count=0, shape=(3, size, size),
                          label_names=("photo",), label_sizes=(3,))
     write_split(path, [(images, labels)], meta)
 
@@ -211,7 +215,8 @@ SDN_TEST_KILL_AT="event|needle|n": SIGKILL this process at the n-th audit event 
 first or second argument contains `needle` (e.g. the rename that publishes a finished file).
 SDN_TEST_WRITE_LOG=file, SDN_TEST_WATCH=dir: append "rank<TAB>event<TAB>path" to `file` for each
 write, rename, removal or mkdir below `dir`/metrics or `dir`/data/checkpoints, and a "start"
-line with the process id when the process starts.
+line with the process id when the process starts. The rank is LOCAL_RANK, "main" in the process
+that starts a run.
 """
 import os
 import signal
@@ -231,7 +236,7 @@ def _log(event, path):
     _busy = True  # the log's own open() must not be logged
     try:
         with open(_LOG, "a") as log:
-            log.write(f"{os.environ.get('LOCAL_RANK', '0')}\\t{event}\\t{path}\\n")
+            log.write(f"{os.environ.get('LOCAL_RANK', 'main')}\\t{event}\\t{path}\\n")
     finally:
         _busy = False
 
@@ -277,11 +282,32 @@ def faults_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def faulty_env(project: Project, faults_dir: Path, **settings: str) -> dict[str, str]:
-    """The project's environment with the fault injector loaded (settings: SDN_TEST_* values)."""
+    """The project's environment with the fault injector loaded (settings: SDN_TEST_* values, or
+    others such as SDN_CPU_DEVICES), every process it starts marked for `leftover_processes`."""
     env = project.env
     env["PYTHONPATH"] = f"{project.root}{os.pathsep}{faults_dir}"
+    env["SDN_TEST_PROJECT"] = str(project.root)
     env.update(settings)
     return env
+
+
+def leftover_processes(project: Project, local_rank: str | None = None) -> list[int]:
+    """Processes still running (not zombies) that were started with the project's mark
+    (SDN_TEST_PROJECT, see `faulty_env`): ranks, loader workers, anything they started; with
+    `local_rank`, those whose LOCAL_RANK is that (a rank and its loader workers)."""
+    wanted = {f"SDN_TEST_PROJECT={project.root}".encode()}
+    if local_rank is not None:
+        wanted.add(f"LOCAL_RANK={local_rank}".encode())
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            marked = wanted <= set((proc / "environ").read_bytes().split(b"\0"))
+            running = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):  # not a process folder, gone, or not ours to read
+            continue
+        if marked and running:
+            found.append(int(proc.name))
+    return found
 
 
 def stage_process(project: Project, script: str, name: str, env: dict[str, str] | None = None,
@@ -878,51 +904,177 @@ def test_sigkill_during_training_then_dvc_repro_resumes_to_the_same_result(photo
     assert load_checkpoint(ckpt)["global_step"] == 10 and load_checkpoint(ckpt)["sdn_fingerprint"] != old
 
 
+# One configuration for both machines: 2 devices asked. With SDN_CPU_DEVICES=2 the CPU counts as 2
+# devices and the run is 2 DDP processes (gloo); without, it counts as one, and the fit runs 1
+# process accumulating 2 micro-batches per step (sdn/training/machine.py).
+DDP_MACHINE, ONE_PROCESS = "2", "1"
+
+
+def two_device_run(project: Project, **train: Any) -> None:
+    set_experiment(project, "train", **{"batch_size": 4, "max_steps": 6, "val_every_steps": 3,
+                                        "val_batches": 3, **train})
+    set_experiment(project, "evaluate", batch_size=10)  # validation: 3 batches of 10, 15 per process
+    set_experiment(project, "trainer", accelerator="cpu", devices=2, strategy="ddp")
+
+
+def run_result(project: Project, done: subprocess.CompletedProcess) -> dict[str, Any]:
+    root = project.root
+    return {
+        "weights": last_checkpoint(root)["state_dict"],
+        "train": pd.read_csv(root / "metrics" / EXPERIMENT / "train.csv"),
+        "val": pd.read_csv(root / "metrics" / EXPERIMENT / "val.csv"),
+        "stdout": done.stdout,
+        "stderr": done.stderr,
+    }
+
+
+def assert_same_run(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Weights and curves agree to float tolerance: the sums of a global batch are taken in
+    another order (a different batch split, one batch of 8, differs by ~2e-2)."""
+    assert_same_weights(got["weights"], want["weights"], rtol=1e-4, atol=1e-4)
+    for curve in ("train", "val"):
+        assert got[curve]["step"].tolist() == want[curve]["step"].tolist()
+    for column in ("loss_bpd", "neg_elbo_bpd", "kl_bpd", "lr"):  # every step's, over its global batch
+        np.testing.assert_allclose(got["train"][column], want["train"][column], rtol=1e-5, err_msg=column)
+    for column in ("neg_elbo_bpd", "kl_bpd", "images"):  # same images, batches and noise
+        np.testing.assert_allclose(got["val"][column], want["val"][column], rtol=1e-5, err_msg=column)
+
+
 @pytest.mark.slow
-def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(
+def test_ddp_on_two_processes_equals_one_process_fitted_to_the_machine(
     photos_project: Project, faults_dir: Path, tmp_path: Path
 ) -> None:
     project = photos_project
     val_images = read_metadata(project.root / "data" / "lmdb" / "photos32" / "val").count
-    set_experiment(project, "train", batch_size=4, max_steps=6, val_every_steps=3, val_batches=3)
-    set_experiment(project, "evaluate", batch_size=10)  # validation: 3 batches of 10, 15 per process
-    runs = {}
-    for name, trainer, accumulate in (
-        ("ddp", {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}, 1),
-        ("one", {"accelerator": "cpu", "devices": 1, "strategy": "auto"}, 2),
-    ):
-        set_experiment(project, "trainer", **trainer)
-        set_experiment(project, "train", accumulate_grad_batches=accumulate)
+    two_device_run(project)
+    runs, writes = {}, {}
+    for name, cpu_devices in (("ddp", DDP_MACHINE), ("one", ONE_PROCESS)):
         log = tmp_path / f"{name}-writes.log"
-        env = faulty_env(project, faults_dir, SDN_TEST_WRITE_LOG=str(log), SDN_TEST_WATCH=str(project.root))
+        env = faulty_env(project, faults_dir, SDN_TEST_WRITE_LOG=str(log), SDN_TEST_WATCH=str(project.root),
+                         SDN_CPU_DEVICES=cpu_devices)
         done = stage_process(project, "train", EXPERIMENT, env)
         assert done.returncode == 0, done.stderr[-3000:]
-        root = project.root
-        runs[name] = {
-            "weights": last_checkpoint(root)["state_dict"],
-            "train": pd.read_csv(root / "metrics" / EXPERIMENT / "train.csv"),
-            "val": pd.read_csv(root / "metrics" / EXPERIMENT / "val.csv"),
-            "writes": [line.split("\t") for line in log.read_text().splitlines()],
-            "stderr": done.stderr,
-        }
+        runs[name] = run_result(project, done)
+        writes[name] = [line.split("\t") for line in log.read_text().splitlines()]
         remove_outputs(project)
+    assert leftover_processes(project) == []
 
     ddp, one = runs["ddp"], runs["one"]
     assert "distributed_backend=gloo" in ddp["stderr"] and "Starting with 2 processes" in ddp["stderr"]
-    # float sums in another order only: a different batch split (one batch of 8) differs by ~2e-2
-    assert_same_weights(ddp["weights"], one["weights"], rtol=1e-4, atol=1e-4)
+    assert "Starting with" not in one["stderr"]
+    fitted = (f"[sdn] {EXPERIMENT}: 2 devices asked, accelerator cpu (one device): 2 micro-batches of 4 "
+              "per step (global batch 8, as configured)")
+    assert fitted in one["stdout"].splitlines() and "devices asked" not in ddp["stdout"]
+    assert_same_run(ddp, one)
     for run in (ddp, one):
         assert run["val"]["step"].tolist() == [3, 6]
         assert run["val"]["images"].tolist() == [min(30, val_images)] * 2  # each image once, no padding
         assert run["train"]["step"].tolist() == list(range(1, 7))
-    for column in ("neg_elbo_bpd", "kl_bpd"):  # same images, batches and noise
-        np.testing.assert_allclose(ddp["val"][column], one["val"][column], rtol=1e-5)
-    # both processes were watched, only rank 0 wrote metrics or checkpoints
-    assert sorted(rank for rank, event, _ in ddp["writes"] if event == "start") == ["0", "1"]
-    writers = {rank for rank, event, _ in ddp["writes"] if event != "start"}
-    assert writers == {"0"}, [w for w in ddp["writes"] if w[0] != "0"]
-    written = {Path(path).name for _, event, path in ddp["writes"] if event == "os.rename"}
+    # the process that started the DDP run and both ranks were watched: only rank 0 wrote
+    assert sorted(rank for rank, event, _ in writes["ddp"] if event == "start") == ["0", "1", "main"]
+    writers = {rank for rank, event, _ in writes["ddp"] if event != "start"}
+    assert writers == {"0"}, [w for w in writes["ddp"] if w[0] != "0"]
+    written = {Path(path).name for _, event, path in writes["ddp"] if event == "os.rename"}
     assert {"train.csv", "val.csv", LAST_CHECKPOINT} <= written
+
+
+@pytest.mark.slow
+def test_a_run_that_switches_between_ddp_and_one_process_at_a_checkpoint_agrees(
+    photos_project: Project, faults_dir: Path
+) -> None:
+    project = photos_project
+    two_device_run(project, ckpt_every_steps=3)
+    done = stage_process(project, "train", EXPERIMENT, faulty_env(project, faults_dir, SDN_CPU_DEVICES="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    uninterrupted = run_result(project, done)
+    remove_outputs(project)
+
+    ckpt = project.root / "data" / "checkpoints" / EXPERIMENT / LAST_CHECKPOINT
+    for first, then in ((DDP_MACHINE, ONE_PROCESS), (ONE_PROCESS, DDP_MACHINE)):
+        # killed when the checkpoint of step 6 is written in full, before it is published: a crash
+        # in one process (rank 0, which writes) with the checkpoint of step 3 kept
+        env = faulty_env(project, faults_dir, SDN_CPU_DEVICES=first,
+                         SDN_TEST_KILL_AT=f"os.rename|.{LAST_CHECKPOINT}.tmp|2")
+        killed = stage_process(project, "train", EXPERIMENT, env)
+        if first == DDP_MACHINE:  # every rank stopped with it, one error line
+            assert killed.returncode == 1, killed.stderr[-3000:]
+            errors = [line for line in killed.stderr.splitlines() if line.startswith("error:")]
+            assert errors == [killed.stderr.strip().splitlines()[-1]] == [
+                "error: training process rank 0 of 2 was killed (SIGKILL, perhaps out of memory); all 2 "
+                "training processes were stopped. The last checkpoint is kept: rerun the same command to "
+                "resume from it."
+            ]
+        else:
+            assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        assert leftover_processes(project) == []
+        assert load_checkpoint(ckpt)["global_step"] == 3
+
+        env = faulty_env(project, faults_dir, SDN_CPU_DEVICES=then)
+        done = stage_process(project, "train", EXPERIMENT, env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        resumed = f"[sdn] resuming {EXPERIMENT} from {ckpt.relative_to(project.root)} at step 3"
+        assert done.stdout.splitlines().count(resumed) == 1  # once, not once per rank
+        assert_same_run(run_result(project, done), uninterrupted)
+        remove_outputs(project)
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_mid_run_takes_every_process_with_it(
+    photos_project: Project, faults_dir: Path
+) -> None:
+    # Lightning's own launcher made rank 0 the parent: rank 1 dying left it waiting in a collective
+    project = photos_project
+    two_device_run(project, max_steps=400, ckpt_every_steps=2, val_every_steps=200)
+    set_experiment(project, "trainer", num_workers=1)  # loader workers must go with their ranks
+    ckpt = project.root / "data" / "checkpoints" / EXPERIMENT / LAST_CHECKPOINT
+    env = faulty_env(project, faults_dir, SDN_CPU_DEVICES=DDP_MACHINE)
+    process = subprocess.Popen([sys.executable, "stages/train.py", EXPERIMENT], cwd=project.root, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ckpt.exists():  # training, past its first steps
+            assert process.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        rank_1_and_worker = leftover_processes(project, local_rank="1")
+        rank_1 = [pid for pid in rank_1_and_worker if parent_of(pid) not in rank_1_and_worker]
+        assert len(rank_1_and_worker) == 2 and len(rank_1) == 1, rank_1_and_worker
+        os.kill(rank_1[0], signal.SIGKILL)
+        killed = time.monotonic()
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+    assert time.monotonic() - killed < 30  # stopped at once, not at gloo's timeout
+    assert process.returncode == 1
+    lines = stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]] == [
+        "error: training process rank 1 of 2 was killed (SIGKILL, perhaps out of memory); all 2 training "
+        "processes were stopped. The last checkpoint is kept: rerun the same command to resume from it."
+    ]
+    assert leftover_processes(project) == []
+    assert 0 < load_checkpoint(ckpt)["global_step"] < 400
+
+
+@pytest.mark.slow
+def test_a_known_failure_under_ddp_ends_with_one_error_line_and_no_process(
+    photos_project: Project, faults_dir: Path
+) -> None:
+    project = photos_project
+    two_device_run(project, lr=1e6)
+    set_experiment(project, "trainer", num_workers=1)
+    env = faulty_env(project, faults_dir, SDN_CPU_DEVICES=DDP_MACHINE)
+    done = stage_process(project, "train", EXPERIMENT, env)
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
+    assert lines[-1].startswith(f"error: non-finite loss (nan) at step 1 of {EXPERIMENT}. Training stopped")
+    assert lines[-1].endswith("(rank 0 of 2; all 2 training processes were stopped)")
+    assert leftover_processes(project) == []
+    assert not (project.root / "data" / "checkpoints" / EXPERIMENT).exists()
 
 
 @pytest.mark.slow

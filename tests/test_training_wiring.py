@@ -184,13 +184,34 @@ def test_gradient_clipping_bounds_the_norm_the_optimizer_sees(tmp_path: Path, cl
 # Mixed precision: trainer.precision reaches the training forward
 
 
+class ValidationForwards(pl.Callback):
+    """Whether autocast was on, and in which dtype, inside each validation forward (the EMA
+    weights' model), and the dtype of its ELBO."""
+
+    def __init__(self) -> None:
+        self.autocast, self.elbo_dtypes = [], []
+
+    def on_train_start(self, trainer, module) -> None:
+        def record(model, args, out):
+            enabled = torch.is_autocast_enabled("cpu")
+            self.autocast.append(torch.get_autocast_dtype("cpu") if enabled else None)
+            self.elbo_dtypes.append(out["elbo"].dtype)
+
+        module.eval_model.register_forward_hook(record)
+
+
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16-mixed", torch.bfloat16), ("32-true", None)])
-def test_precision_reaches_the_training_forward(tmp_path: Path, precision, dtype):
+def test_precision_reaches_the_training_and_validation_forwards(tmp_path: Path, precision, dtype):
+    # bf16-mixed: the one mixed precision CPU autocast has, through the Lightning module as a GPU
+    # run goes through it (micro: 2 steps, then one validation batch of the EMA weights)
     cfg = micro_experiment(DENSITY, trainer={"precision": precision}, train={"max_steps": 2})
-    seen = TrainingForwards()
-    module = train(tmp_path, cfg, seen)
+    seen, validated = TrainingForwards(), ValidationForwards()
+    module = train(tmp_path, cfg, seen, validated)
     assert seen.autocast == [dtype, dtype]
     assert all(math.isfinite(loss) for loss in seen.losses)
+    assert validated.autocast == [dtype] and validated.elbo_dtypes == [torch.float32]  # likelihoods upcast
+    assert [row["step"] for row in module.val_rows] == [2]
+    assert all(math.isfinite(module.val_rows[0][key]) for key in ("neg_elbo_bpd", "kl_bpd"))
     assert all(p.dtype == torch.float32 for p in module.model.parameters())  # weights stay fp32
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 

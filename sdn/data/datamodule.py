@@ -152,12 +152,14 @@ class ImageDataModule(pl.LightningDataModule):
 
     @classmethod
     def for_experiment(
-        cls, cfg: ExperimentConfig, lmdb_dir: Path | str, splits: tuple[str, ...] = SPLITS
+        cls, cfg: ExperimentConfig, lmdb_dir: Path | str, splits: tuple[str, ...] = SPLITS,
+        pin_memory: bool = False,
     ) -> ImageDataModule:
         """The data of experiment `cfg`, as its training reads them, from `lmdb_dir`
         (`data/lmdb/<dataset>`). `train.val_batches` counts batches of the whole validation, not
         of each process: every run of an experiment, on any number of processes, validates on the
-        same images, each exactly once."""
+        same images, each exactly once. `pin_memory`: batches in page-locked memory, for a copy
+        to a GPU that overlaps the computation."""
         train = cfg.train
         val_batch = cfg.evaluate.batch_size
         return cls(
@@ -173,6 +175,7 @@ class ImageDataModule(pl.LightningDataModule):
             val_batch_size=val_batch,
             val_limit=None if train.val_batches is None else train.val_batches * val_batch,
             splits=splits,
+            pin_memory=pin_memory,
         )
 
     def dataset(self, split: str) -> LMDBImageDataset:

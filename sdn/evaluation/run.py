@@ -36,13 +36,13 @@ def _load(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path):
     torch.manual_seed(cfg.seed)  # seeds the CPU and every GPU generator
     # load_ema_model reads the checkpoint onto the CPU, whatever device saved it; then move it
     model = load_ema_model(cfg, ckpt_dir / LAST_CHECKPOINT).to(device)
-    data = ImageDataModule.for_experiment(cfg, lmdb_dir, splits=("val",))
+    data = ImageDataModule.for_experiment(cfg, lmdb_dir, splits=("val",), pin_memory=device.type == "cuda")
     return model, data, device
 
 
 def _batches(model, data: ImageDataModule, batch_size: int, limit: int | None, device: torch.device):
     for images, *_ in data.shard_loader("val", batch_size, limit):
-        yield model.obs.preprocess(images.to(device))
+        yield model.obs.preprocess(images.to(device, non_blocking=data.pin_memory))
 
 
 def _rounded(values: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,9 @@
 - `checkpoints`: atomic checkpoint writes, saves every N steps, resuming only a checkpoint of the
   same configuration (`config_fingerprint`);
 - `curves`: train.csv, val.csv and live.json, written while the run goes;
+- `machine`: `fit_to_machine`, how a run's `devices` meet the accelerators this machine has (the
+  global batch kept by accumulation), and its refusal to run a GPU preset without a GPU;
+- `processes`: `run_ranks`, the processes of a DDP run launched and stopped together;
 - `progress`: the training progress bar, optimizer steps out of `max_steps`;
 - `run`: `train_experiment`, the whole run that `stages/train.py` calls.
 
@@ -24,17 +27,21 @@ __all__ = [
     "VAL_COLUMNS",
     "AtomicCheckpointIO",
     "LiveCurves",
+    "MachineFit",
     "ShardSampler",
     "StepBatchSampler",
     "StepCheckpoint",
     "VAEModule",
     "config_fingerprint",
     "count_parameters",
+    "fit_to_machine",
     "load_checkpoint_file",
     "load_ema_model",
+    "micro_batches_per_step",
     "noise_seed",
     "prepare_model",
     "resumable_checkpoint",
+    "run_ranks",
     "train_experiment",
 ]
 
@@ -45,7 +52,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(datamodule, name)
     if name in ("LAST_CHECKPOINT", "AtomicCheckpointIO", "StepCheckpoint", "config_fingerprint",
-                "load_checkpoint_file", "resumable_checkpoint"):
+                "load_checkpoint_file", "micro_batches_per_step", "resumable_checkpoint"):
         from sdn.training import checkpoints
 
         return getattr(checkpoints, name)
@@ -57,6 +64,14 @@ def __getattr__(name: str) -> Any:
         from sdn.training import module
 
         return getattr(module, name)
+    if name in ("MachineFit", "fit_to_machine"):
+        from sdn.training import machine
+
+        return getattr(machine, name)
+    if name == "run_ranks":
+        from sdn.training import processes
+
+        return processes.run_ranks
     if name == "train_experiment":
         from sdn.training import run
 

@@ -20,12 +20,26 @@ from sdn.errors import CheckpointError, write_failure
 LAST_CHECKPOINT = "last.ckpt"
 
 
+def micro_batches_per_step(cfg: ExperimentConfig) -> int:
+    """Micro-batches of `train.batch_size` in one optimizer step, over every process:
+    devices x nodes x accumulated (a `devices` string such as "auto" counts as given)."""
+    trainer = cfg.trainer
+    devices = trainer.devices if isinstance(trainer.devices, int) else 1
+    return devices * trainer.num_nodes * cfg.train.accumulate_grad_batches
+
+
 def config_fingerprint(cfg: ExperimentConfig) -> str:
     """What a checkpoint must match to be resumed: model, data, seed and the optimisation
-    settings. Run-length and logging knobs are left out so `max_steps` can be raised."""
+    settings. Run-length and logging knobs are left out so `max_steps` can be raised.
+
+    The batch enters as the micro-batch and the micro-batches per step, not as their split
+    between processes and accumulation: 8 devices, or 1 accumulating 8 micro-batches, is one
+    run (`sdn.training.machine`), and its checkpoint resumes on either machine. (Recorded as the
+    accumulation one process would need, so that one-process runs keep their fingerprints.)"""
     train = dataclasses.asdict(cfg.train)
     for key in ("max_steps", "val_every_steps", "val_batches", "ckpt_every_steps"):
         train.pop(key)
+    train["accumulate_grad_batches"] = micro_batches_per_step(cfg)
     payload = {
         "dataset": cfg.dataset,
         "seed": cfg.seed,

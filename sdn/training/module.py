@@ -66,6 +66,7 @@ class VAEModule(pl.LightningModule):
         self.dims = self.model.dims_per_image
         self.train_rows: list[dict[str, float]] = []
         self.val_rows: list[dict[str, float]] = []
+        self._step_figures: list[Tensor] = []
         self._val_sums: Tensor | None = None
 
     # -- optimisation ------------------------------------------------------------------------
@@ -95,16 +96,28 @@ class VAEModule(pl.LightningModule):
         kl = bits_per_dim(out["kl"].detach().mean(), self.dims)
         self.log("train/loss_bpd", bits_per_dim(loss.detach(), self.dims), prog_bar=True)
         self.log("train/elbo_bpd", -elbo)
-        if self.trainer.is_global_zero and (self.global_step % self.trainer.log_every_n_steps == 0):
-            if self._is_last_micro_batch(batch_idx):
-                self.train_rows.append({
-                    "step": self.global_step + 1,
-                    "loss_bpd": float(bits_per_dim(loss.detach(), self.dims)),
-                    "neg_elbo_bpd": float(-elbo),
-                    "kl_bpd": float(kl),
-                    "lr": float(self.trainer.optimizers[0].param_groups[0]["lr"]),
-                })
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self._record_step(batch_idx, torch.stack([bits_per_dim(loss.detach(), self.dims), -elbo, kl]))
         return loss
+
+    def _record_step(self, batch_idx: int, figures: Tensor) -> None:
+        """The step's row of train.csv: loss, −ELBO and KL averaged over its global batch (every
+        micro-batch of every process), so that the curve does not depend on how the batch is
+        split between processes and accumulation. Every process takes part in the average."""
+        self._step_figures.append(figures)
+        if not self._is_last_micro_batch(batch_idx):
+            return
+        figures = self.trainer.strategy.reduce(torch.stack(self._step_figures).mean(0), reduce_op="mean")
+        self._step_figures = []
+        if self.trainer.is_global_zero:
+            loss, neg_elbo, kl = figures.tolist()
+            self.train_rows.append({
+                "step": self.global_step + 1,
+                "loss_bpd": loss,
+                "neg_elbo_bpd": neg_elbo,
+                "kl_bpd": kl,
+                "lr": float(self.trainer.optimizers[0].param_groups[0]["lr"]),
+            })
 
     def _seed_micro_batch(self, batch_idx: int) -> None:
         """Flips and posterior noise depend only on the seed and the micro-batch's place in the
@@ -121,7 +134,7 @@ class VAEModule(pl.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self._update_ema()
+        self.update_ema()
 
     @property
     def eval_model(self) -> nn.Module:
@@ -130,7 +143,8 @@ class VAEModule(pl.LightningModule):
         return self.model if self.ema is None else self.ema
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
+    def update_ema(self) -> None:
+        """Average the raw weights into the EMA twin (after each optimizer step); nothing without EMA."""
         if self.ema is None:
             return
         coef = self.cfg.train.ema_coef
@@ -191,12 +205,38 @@ class VAEModule(pl.LightningModule):
         checkpoint["sdn_code"] = self.code
         checkpoint["sdn_experiment"] = self.cfg.name
         checkpoint["sdn_curves"] = {"train": self.train_rows, "val": self.val_rows}
+        checkpoint[MICRO_BATCHES_KEY] = self.trainer.accumulate_grad_batches
         # no generator state: every batch seeds its own draws (_seed_micro_batch)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         curves = checkpoint.get("sdn_curves", {})
         self.train_rows = list(curves.get("train", []))
         self.val_rows = list(curves.get("val", []))
+        if self._trainer is not None:  # resumed by a Trainer, whose loops read the counters next
+            recount_micro_batches(checkpoint, self.trainer.accumulate_grad_batches)
+
+
+# The micro-batches each process accumulated per optimizer step in the run that wrote a checkpoint.
+MICRO_BATCHES_KEY = "sdn_micro_batches"
+
+
+def recount_micro_batches(checkpoint: dict[str, Any], micro_batches: int) -> None:
+    """Lightning's batch counters of `checkpoint`, recounted for `micro_batches` per step.
+
+    Lightning counts the micro-batches each process has seen, and finds the accumulation
+    boundaries, the validation steps and the epoch's end from them. A checkpoint of the same run
+    split another way (8 processes there, 1 here accumulating 8) holds the same steps but another
+    count: each counter becomes the same number of whole steps in this run's micro-batches, less
+    the same lag (a counter Lightning advances after the save lags it by one)."""
+    saved = checkpoint.get(MICRO_BATCHES_KEY)
+    loops = checkpoint.get("loops")
+    if saved is None or saved == micro_batches or not loops:
+        return
+    progress = loops["fit_loop"]["epoch_loop.batch_progress"]
+    for counters in (progress["total"], progress["current"]):
+        for name, count in counters.items():
+            steps = -(-count // saved)  # whole steps begun
+            counters[name] = steps * micro_batches - (steps * saved - count)
 
 
 def load_ema_model(cfg: ExperimentConfig, ckpt_path: Path) -> nn.Module:

@@ -18,7 +18,9 @@ from sdn.training.checkpoints import (
     resumable_checkpoint,
 )
 from sdn.training.curves import LiveCurves
+from sdn.training.machine import MachineFit, fit_to_machine
 from sdn.training.module import VAEModule
+from sdn.training.processes import launched_rank, reports_for_the_run, run_ranks
 from sdn.training.progress import StepProgressBar
 
 
@@ -37,25 +39,37 @@ def train_experiment(
     metrics_dir: Path,
     stale_dir: Path = Path("data/stale-checkpoints"),
     extra_callbacks: list[pl.Callback] | None = None,
+    fit: MachineFit | None = None,
     code: str | None = None,
-) -> VAEModule:
-    """Train (or resume) one experiment; writes `last.ckpt` and the training curves.
+) -> VAEModule | None:
+    """Train (or resume) one experiment on this machine; writes `last.ckpt` and the training curves.
+
+    `fit` (by default `fit_to_machine(cfg)`) says how: with several processes, the process that
+    starts the run launches one per rank, this same command (`run_ranks`), waits for them and
+    returns None; each rank, and a run in one process, trains and returns its module.
 
     `code` names the code that trains (the train stage passes a hash of its code deps): a
     checkpoint resumes only if the same configuration and the same code made it. A run already
     finished by them trains nothing and leaves `last.ckpt` untouched, byte for byte; it only
     writes its curves again from the checkpoint (DVC removes a stage's outputs before running it)."""
+    fit = fit_to_machine(cfg) if fit is None else fit
+    rank = launched_rank()
+    if fit.summary and reports_for_the_run():
+        print(f"[sdn] {fit.summary}")
+    run_cfg = fit.run_config(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = ImageDataModule.for_experiment(cfg, lmdb_dir)
+    # opened (and checked) here, before any rank starts: a data error is reported once
+    data = ImageDataModule.for_experiment(run_cfg, lmdb_dir, pin_memory=fit.accelerator == "gpu")
+    resume = resumable_checkpoint(ckpt_dir, config_fingerprint(cfg), stale_dir, code, cfg.train.max_steps)
+    checkpoint = None if resume is None else load_checkpoint_file(resume)
+    if checkpoint is not None and int(checkpoint["global_step"]) == cfg.train.max_steps and rank is None:
+        return finished_run(run_cfg, checkpoint, metrics_dir, code)
+    if fit.launches_ranks and rank is None:
+        run_ranks(fit.processes)
+        return None
 
-    trainer_cfg, train = cfg.trainer, cfg.train
+    trainer_cfg, train = run_cfg.trainer, run_cfg.train
     k = train.accumulate_grad_batches
-    resume = resumable_checkpoint(ckpt_dir, config_fingerprint(cfg), stale_dir, code, train.max_steps)
-    if resume is not None:
-        checkpoint = load_checkpoint_file(resume)
-        if int(checkpoint["global_step"]) == train.max_steps:
-            return finished_run(cfg, checkpoint, metrics_dir, code)
-
     validates = data.val_limit != 0
     checkpointing = StepCheckpoint(
         ckpt_dir / LAST_CHECKPOINT, train.ckpt_every_steps, train.val_every_steps if validates else None
@@ -66,7 +80,7 @@ def train_experiment(
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
         strategy=_strategy(trainer_cfg.strategy),
-        precision=trainer_cfg.precision,
+        precision=fit.precision,
         deterministic=trainer_cfg.deterministic,
         max_steps=train.max_steps,
         max_epochs=-1,
@@ -90,8 +104,9 @@ def train_experiment(
     )
     if resume is not None:
         data.start_step = int(checkpoint["global_step"])
-        print(f"[sdn] resuming {cfg.name} from {resume} at step {data.start_step}")
-    module = VAEModule(cfg, steps_per_epoch=data.steps_per_epoch(trainer.world_size), code=code)
+        if not rank:  # rank 0, or a run in one process
+            print(f"[sdn] resuming {cfg.name} from {resume} at step {data.start_step}")
+    module = VAEModule(run_cfg, steps_per_epoch=data.steps_per_epoch(trainer.world_size), code=code)
     with warnings.catch_warnings():
         # Lightning cannot see that StepBatchSampler restarts at the checkpoint's step
         warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch")
