@@ -233,7 +233,8 @@ def cifar10_project(root: Path, **trainer: Any) -> Project:
     experiment["trainer"].update(trainer)
     # deep enough for the preset's sample settings (interpolation_layers [4, 5])
     experiment["model"].update({**MICRO_DENSITY, "depth": 6, "ds_list": [5], "sdn_max_scale": 16})
-    experiment.setdefault("train", {}).update(max_steps=2, val_every_steps=2, val_batches=1, ckpt_every_steps=2)
+    train = experiment.setdefault("train", {})
+    train.update(max_steps=2, val_every_steps=2, val_batches=1, ckpt_every_steps=2)
     paper.write_text(yaml.safe_dump(params, sort_keys=False))
     lmdb = root / "data" / "lmdb" / "cifar10"
     write_random_split(lmdb / "train", 300, size=32, seed=1, dataset="cifar10")
