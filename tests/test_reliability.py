@@ -1,4 +1,4 @@
-"""Reliability (issue 7): every fault is injected for real, and each test checks what is left.
+"""Reliability: every fault is injected for real, and each test checks what is left.
 
 * resume: a crash or SIGKILL mid-run, then the same command again, ends with the weights, curves
   and metrics of an uninterrupted run; damaged checkpoints and those of another configuration
