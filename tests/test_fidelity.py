@@ -26,7 +26,8 @@ from sdn.evaluation.samples import interpolate_density
 from sdn.models.configs import DensityConfig
 from sdn.models.density import DensityVAE
 from sdn.models.disentanglement import DisentanglementVAE
-from sdn.probability import DiscretizedLogistic, DiscretizedMixLogistic, MaskedConv2d
+from sdn.models.latents import MaskedConv2d
+from sdn.models.observations import DiscretizedLogistic, DiscretizedMixLogistic
 from sdn.training import StepBatchSampler, VAEModule, count_parameters, load_ema_model, prepare_model
 from tests.params_tools import detach
 

@@ -24,7 +24,8 @@ from sdn.layers import ResSDNLayer, SDNLayer
 from sdn.models.configs import DensityConfig, DisentanglementConfig
 from sdn.models.density import DensityVAE
 from sdn.models.disentanglement import DisentanglementVAE, beta_schedule
-from sdn.probability import MaskedConv2d, bits_per_dim
+from sdn.models.distributions import bits_per_dim
+from sdn.models.latents import MaskedConv2d
 from sdn.training import StepBatchSampler, VAEModule, count_parameters, prepare_model
 from tests.params_tools import dataset_of, detach
 

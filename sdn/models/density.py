@@ -21,7 +21,8 @@ from sdn.models.configs import (
     last_layer_uses_sdn,
     uses_sdn_at,
 )
-from sdn.probability import build_observation, build_posterior, build_prior
+from sdn.models.latents import build_posterior, build_prior
+from sdn.models.observations import build_observation
 
 
 @dataclass

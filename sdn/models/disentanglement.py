@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from sdn.layers import DirectionCycle, SDNLayer
 from sdn.models.configs import BETA_VAE_SCALES, DisentanglementConfig, uses_sdn_at
-from sdn.probability import build_observation
+from sdn.models.observations import build_observation
 
 # Decoder stages after the 4×4 reshape: (in channels, out channels, output scale).
 _STAGES = tuple(zip((64, 64, 32, 32), (64, 32, 32, None), BETA_VAE_SCALES, strict=True))
