@@ -19,8 +19,9 @@ def info(name: str) -> dict:
     gains g (one per output channel) and directions v in place of its weight."""
     import torch
 
-    from sdn.config import build_model, experiment_config, load_params
-    from sdn.training import count_parameters, prepare_model
+    from sdn.config import experiment_config, load_params
+    from sdn.models.build import build_model, prepare_model
+    from sdn.training import count_parameters
 
     cfg = experiment_config(load_params(), name)
     with torch.device("meta"):  # shapes only: instant and without memory even for 10^8 weights

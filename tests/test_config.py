@@ -15,7 +15,6 @@ from sdn.config import (
     OVERRIDDEN,
     RANGES,
     ExperimentConfig,
-    build_model,
     build_section,
     dataset_config,
     experiment_config,
@@ -24,6 +23,7 @@ from sdn.config import (
 )
 from sdn.data.sources import SOURCES, validate_datasets
 from sdn.errors import ConfigError
+from sdn.models.build import build_model
 from sdn.models.configs import DensityConfig, DisentanglementConfig
 from sdn.training import VAEModule, config_fingerprint
 from tests.params_tools import BASE_ONLY

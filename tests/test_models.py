@@ -19,14 +19,15 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
 from sdn.__main__ import main as sdn_main
-from sdn.config import TrainConfig, build_model, experiment_config, load_params
+from sdn.config import TrainConfig, experiment_config, load_params
 from sdn.layers import ResSDNLayer, SDNLayer
+from sdn.models.build import build_model, prepare_model
 from sdn.models.configs import DensityConfig, DisentanglementConfig
 from sdn.models.density import DensityVAE
 from sdn.models.disentanglement import DisentanglementVAE, beta_schedule
 from sdn.models.distributions import bits_per_dim
 from sdn.models.latents import MaskedConv2d
-from sdn.training import StepBatchSampler, VAEModule, count_parameters, prepare_model
+from sdn.training import StepBatchSampler, VAEModule, count_parameters
 from tests.params_tools import dataset_of, detach
 
 REPO = Path(__file__).resolve().parents[1]
