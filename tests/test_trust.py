@@ -29,9 +29,9 @@ from sdn.data.lmdb_store import SplitMetadata, write_split
 from sdn.errors import CheckpointError, ChecksumError, DatasetError
 from sdn.training import LAST_CHECKPOINT, AtomicCheckpointIO, load_ema_model
 from tests.pipeline_project import Project
+from tests.reliability_tools import EXPERIMENT, Workdir, stage_process, tiny_cfg
 from tests.test_data_download import FileServer, serving
 from tests.test_data_sources import cifar_archive, python2_pickle
-from tests.test_reliability import EXPERIMENT, Workdir, stage_process, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
