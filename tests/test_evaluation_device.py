@@ -105,7 +105,7 @@ def spy_elbo(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.device, bool]]
     [
         ("32-true", False, "float32"),
         ("bf16-mixed", True, "bfloat16 autocast"),
-        ("16-mixed", False, "float32, not trainer.precision 16-mixed"),  # the log used to say (16-mixed)
+        ("16-mixed", False, "float32, not trainer.precision 16-mixed"),  # no float16 autocast on CPU
     ],
 )
 def test_evaluate_runs_on_the_configured_device_and_precision_and_logs_what_it_used(

@@ -538,7 +538,7 @@ def torch_load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# ---- sharing across machines (issue 7, item 5) -------------------------------------------------
+# ---- sharing across machines -----------------------------------------------------------------------
 
 
 def test_push_then_pull_into_a_fresh_clone_leaves_nothing_to_run(built: Build, tmp_path: Path) -> None:
@@ -600,7 +600,7 @@ def test_metrics_diff_reports_the_changed_experiment(changed: Change) -> None:
         assert (diff[path][key]["old"], diff[path][key]["new"]) == (old[key], new[key])
 
 
-# ---- determinism (issue 7, item 4) --------------------------------------------------------------
+# ---- determinism -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
