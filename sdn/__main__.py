@@ -19,8 +19,9 @@ def info(name: str) -> dict:
     gains g (one per output channel) and directions v in place of its weight."""
     import torch
 
-    from sdn.config import build_model, experiment_config, load_params
-    from sdn.training import count_parameters, prepare_model
+    from sdn.config import experiment_config, load_params
+    from sdn.models.build import build_model, prepare_model
+    from sdn.training import count_parameters
 
     cfg = experiment_config(load_params(), name)
     with torch.device("meta"):  # shapes only: instant and without memory even for 10^8 weights
@@ -31,8 +32,45 @@ def info(name: str) -> dict:
         "dataset": cfg.dataset,
         "parameters": count_parameters(model),
         "weight_norm": cfg.train.weight_norm,
-        **model.describe(),
+        **describe(model),
     }
+
+
+def describe(model) -> dict:
+    """JSON-ready structure of a model as built. A `DensityVAE`: per ladder layer (bottom to top)
+    scale, SDN use, features and directions, then the last layer and the top's scale. A
+    `DisentanglementVAE`: SDN use, features and directions of each decoder stage."""
+    from sdn.layers import SDNLayer
+    from sdn.models.configs import BETA_VAE_SCALES
+    from sdn.models.density import DensityVAE
+
+    if isinstance(model, DensityVAE):
+        layers = [
+            {
+                "index": i,
+                "scale": plan.scale,
+                "downsample": plan.downsample,
+                "sdn": plan.use_sdn,
+                "sdn_features": plan.sdn_features,
+                "directions": [plan.dirs_a, plan.dirs_b] if plan.use_sdn else None,
+            }
+            for i, plan in enumerate(model.plans)
+        ]
+        last = {"sdn": model.last_uses_sdn}
+        if model.last_uses_sdn:
+            last["sdn_features"] = model.cfg.sdn_nfeat_0
+            last["directions"] = [c.direction for c in model.last_layer.sdn.corrections]
+        return {"ladder": layers, "last_layer": last, "top_scale": model.top_scale}
+    stages = []
+    sdn_layers = iter(m for m in model.decoder if isinstance(m, SDNLayer))
+    for scale, use_sdn in zip(BETA_VAE_SCALES, model.stage_uses_sdn, strict=True):
+        entry = {"scale": scale, "sdn": use_sdn}
+        if use_sdn:
+            layer = next(sdn_layers)
+            entry["sdn_features"] = layer.project_in.out_channels
+            entry["directions"] = [c.direction for c in layer.corrections]
+        stages.append(entry)
+    return {"decoder_stages": stages}
 
 
 def pipeline_command(action: str, names: list[str]) -> int:

@@ -689,12 +689,4 @@ def validate_params(params: dict[str, Any]) -> list[ExperimentConfig]:
     return experiments
 
 
-def __getattr__(name: str) -> Any:
-    # `build_model` needs the torch models: served from sdn.models.build on first use, so that the
-    # stages that only read the configuration (download, convert, summary) do not import the models
-    # and do not depend on their files.
-    if name == "build_model":
-        from sdn.models.build import build_model
-
-        return build_model
-    raise AttributeError(f"module 'sdn.config' has no attribute {name!r}")
+check_density = _check_density  # public: the release import checks its hyper-parameters with it

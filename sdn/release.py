@@ -39,8 +39,9 @@ import torch
 from torch import Tensor
 
 from sdn.atomic import atomic_write
-from sdn.config import ExperimentConfig, TrainConfig, _check_density, build_section
+from sdn.config import ExperimentConfig, TrainConfig, build_section, check_density
 from sdn.errors import ConfigError, ReleaseCheckpointError, did_you_mean
+from sdn.models.build import prepare_model
 from sdn.models.configs import DensityConfig
 from sdn.models.density import DensityVAE
 
@@ -176,7 +177,7 @@ def release_model_config(hyper_parameters: Mapping[str, Any]) -> DensityConfig:
     values = build_section(DensityConfig, given, "hyper_parameters", skip=("image_size", "channels"))
     image_size, channels = RELEASE_DATASETS[dataset]
     cfg = DensityConfig(image_size=image_size, channels=channels, **values)
-    _check_density(cfg, lambda key: f"hyper_parameters.{key}")
+    check_density(cfg, lambda key: f"hyper_parameters.{key}")
     if cfg.obs_model == "Bernoulli":
         # the release's Bernoulli scores [0, 1] intensities, this project's scores binarised pixels
         raise ConfigError("hyper_parameters.obs_model: the release's Bernoulli model is not supported.")
@@ -244,8 +245,6 @@ class ReleaseWeights:
 
 def build_release_model(cfg: DensityConfig) -> DensityVAE:
     """An untrained DensityVAE with the release's weight normalisation (names as in its checkpoints)."""
-    from sdn.training import prepare_model
-
     return prepare_model(DensityVAE(cfg), TrainConfig(init="default", weight_norm=True))
 
 

@@ -12,6 +12,10 @@ Internally a map is held in a canonical "lines" layout (L, B, N, F): L lines in 
 N positions along a line. In that layout the three neighbours of position n are positions
 n-1, n, n+1 of the previous line in sweep order, for all four directions; directions 1 and 3
 just visit the lines in reverse.
+
+`reference_sweep` is the same sweep written plainly, one GRU cell call per line with autograd
+recording every step: the definition the fused `CorrectionSweep` must equal, and the baseline
+the benchmarks time it against.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -238,3 +243,30 @@ def sweep(a: Tensor, cell: nn.GRUCell, direction: int) -> Tensor:
     return CorrectionSweep.apply(
         a, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, direction, dtype
     )
+
+
+def reference_sweep(a: Tensor, cell: nn.GRUCell, direction: int) -> Tensor:
+    """The sweep as its definition reads (docs/maths.md#sweep): lines visited in sweep order, the
+    first kept, each later line updated by one `cell` call from its own values and the values at
+    positions n-1, n, n+1 of the line updated just before it (zero beyond either end).
+
+    What `sweep` must equal, in value and gradient; plain autograd, so it keeps every line's
+    intermediate values for backward."""
+    axis, reverse = _SWEEPS[direction]
+    dim = 3 if axis == "columns" else 2
+    lines = a.unbind(dim)  # each (B, F, N)
+    if reverse:
+        lines = lines[::-1]
+    outputs = [lines[0]]
+    for line in lines[1:]:
+        previous = F.pad(outputs[-1], (1, 1))
+        neighbours = torch.cat([previous[..., :-2], previous[..., 1:-1], previous[..., 2:]], dim=1)
+        batch, features, length = line.shape
+        updated = cell(
+            neighbours.permute(0, 2, 1).reshape(-1, 3 * features),
+            line.permute(0, 2, 1).reshape(-1, features),
+        )
+        outputs.append(updated.view(batch, length, features).permute(0, 2, 1))
+    if reverse:
+        outputs = outputs[::-1]
+    return torch.stack(outputs, dim=dim)

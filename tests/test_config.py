@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
+from sdn.__main__ import describe
 from sdn.config import (
     OVERRIDDEN,
     RANGES,
     ExperimentConfig,
-    build_model,
     build_section,
     dataset_config,
     experiment_config,
@@ -24,6 +24,7 @@ from sdn.config import (
 )
 from sdn.data.sources import SOURCES, validate_datasets
 from sdn.errors import ConfigError
+from sdn.models.build import build_model
 from sdn.models.configs import DensityConfig, DisentanglementConfig
 from sdn.training import VAEModule, config_fingerprint
 from tests.params_tools import BASE_ONLY
@@ -381,7 +382,7 @@ def test_28x28_images_are_padded_before_downsampling():
     params["experiments"][DENSITY]["model"]["downsample_first"] = False
     params["experiments"][DENSITY]["model"]["ds_list"] = [0, 1, 2]
     model = build_model(experiment_config(params, DENSITY))
-    assert [layer["scale"] for layer in model.describe()["ladder"]] == [32, 16, 8, 4]
+    assert [layer["scale"] for layer in describe(model)["ladder"]] == [32, 16, 8, 4]
     torch.manual_seed(0)
     images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
     with torch.no_grad():
@@ -396,7 +397,7 @@ def test_beta_vae_needs_64x64_images():
 @pytest.mark.parametrize("name", ["photos32-cnn", "sprites-cnn"])
 def test_cnn_baseline_needs_no_sdn_features(name):
     # sdn_nfeat_0 0 and sdn_num_dirs 0 are refused for an SDN run, accepted when no scale uses SDN
-    described = build_model(experiment_config(PARAMS, name)).describe()
+    described = describe(build_model(experiment_config(PARAMS, name)))
     layers = described.get("ladder", []) + [described.get("last_layer", {"sdn": False})]
     layers += described.get("decoder_stages", [])
     assert layers and not any(layer["sdn"] for layer in layers)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import socket
 import struct
 import threading
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from sdn.data import convert_dataset
 from sdn.data.download import fetch
 from sdn.data.tfrecord import crc32c, mask_crc, parse_example, read_records
 from sdn.errors import ChecksumError, DatasetError, DatasetNotFoundError, DownloadError
+from tests.network_tools import closed_port_url
 
 # --- a loopback file server ----------------------------------------------------------------------
 
@@ -97,14 +97,6 @@ def serving() -> Iterator[FileServer]:
 def server() -> Iterator[FileServer]:
     with serving() as httpd:
         yield httpd
-
-
-def closed_port_url(path: str) -> str:
-    """A loopback URL that refuses connections (nothing listens there)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}{path}"
 
 
 # --- TFRecord writing helpers (the format GLOW's tars hold) --------------------------------------

@@ -30,7 +30,9 @@ from sdn.registry import (
 )
 from tests.import_closure import import_closure
 from tests.pipeline_project import REPO
-from tests.test_reliability import CrashAt, SimulatedCrash, Workdir, isolated_torch, tiny_cfg  # noqa: F401
+from tests.reliability_tools import CrashAt, SimulatedCrash, Workdir, tiny_cfg
+
+pytestmark = pytest.mark.usefixtures("isolated_torch")
 
 STAGES = ("download", "convert", "train", "evaluate", "sample", "summary")
 
@@ -103,7 +105,7 @@ def test_import_closure_follows_function_level_and_lazy_imports(tmp_path: Path) 
 
 
 def test_lazy_attributes_still_import() -> None:
-    code = ("from sdn import SDNLayer; from sdn.config import build_model; "
+    code = ("from sdn import SDNLayer; from sdn.models.build import build_model; "
             "from sdn.data import convert_dataset, ImageDataModule; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr
@@ -428,8 +430,8 @@ def test_parameter_files_survive_dvcs_rewrite_byte_for_byte(tmp_path: Path, file
 
 
 def test_a_stopped_make_dataset_leaves_the_registry_as_it_was(tmp_path: Path) -> None:
+    from tests.network_tools import closed_port_url
     from tests.pipeline_project import Project
-    from tests.test_data_download import closed_port_url
 
     project = Project(tmp_path / "project")
     paper = project.root / "paper.yaml"

@@ -21,13 +21,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
-from sdn.config import build_model, experiment_config, load_params
+from sdn.config import experiment_config, load_params
 from sdn.evaluation.samples import interpolate_density
+from sdn.models.build import build_model, prepare_model
 from sdn.models.configs import DensityConfig
 from sdn.models.density import DensityVAE
 from sdn.models.disentanglement import DisentanglementVAE
-from sdn.probability import DiscretizedLogistic, DiscretizedMixLogistic, MaskedConv2d
-from sdn.training import StepBatchSampler, VAEModule, count_parameters, load_ema_model, prepare_model
+from sdn.models.latents import MaskedConv2d
+from sdn.models.observations import DiscretizedLogistic, DiscretizedMixLogistic
+from sdn.training import StepBatchSampler, VAEModule, count_parameters, load_ema_model
 from tests.params_tools import detach
 
 PARAMS = load_params()

@@ -1,4 +1,5 @@
-"""SDN layers against an independent oracle written from the definition (docs/maths.md#sdn-layer)."""
+"""SDN layers against the sweep's definition (docs/maths.md#sdn-layer): `reference_sweep`, itself
+checked position by position against the table of neighbours."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 
 from sdn import ResSDNLayer, SDNLayer
 from sdn.layers import DirectionCycle
-from sdn.sweep import CorrectionSweep, sweep
+from sdn.sweep import CorrectionSweep, reference_sweep, sweep
 
 # The table of docs/maths.md#directions: (dh, dw) offsets of a position's three neighbours, in order.
 NEIGHBOURS = {
@@ -34,25 +35,43 @@ def lines_in_sweep_order(height: int, width: int, direction: int) -> list[list[t
     return lines[::-1] if direction in (1, 3) else lines
 
 
-def oracle_sweep(a: Tensor, cell: nn.GRUCell, direction: int) -> Tensor:
-    """The definition, position by position: GRUCell(u = [n1; n2; n3], hidden = a[:, pos])."""
-    batch, features, height, width = a.shape
-    value = {(h, w): a[:, :, h, w] for h in range(height) for w in range(width)}
+class RecordingCell(nn.Module):
+    """Stands in for the GRU cell: returns each position's state unchanged and records the
+    neighbours (B·N, 3F) every line was given, in the order the lines were updated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[Tensor] = []
+
+    def forward(self, neighbours: Tensor, state: Tensor) -> Tensor:
+        self.inputs.append(neighbours)
+        return state
+
+
+@pytest.mark.parametrize("direction", [0, 1, 2, 3])
+@pytest.mark.parametrize("size", [(4, 5), (5, 4), (1, 3), (3, 1)])
+def test_reference_sweep_takes_the_neighbours_of_the_table(direction: int, size: tuple[int, int]) -> None:
+    batch, features, (height, width) = 2, 3, size
+    a = torch.randn(batch, features, height, width)
+    cell = RecordingCell()
+    assert torch.equal(reference_sweep(a, cell, direction), a)
+    lines = lines_in_sweep_order(height, width, direction)[1:]
+    assert len(cell.inputs) == len(lines)
     zero = a.new_zeros(batch, features)
-    lines = lines_in_sweep_order(height, width, direction)
-    for line in lines[1:]:
-        updated = {}
-        for h, w in line:
-            u = torch.cat([value.get((h + dh, w + dw), zero) for dh, dw in NEIGHBOURS[direction]], 1)
-            updated[(h, w)] = cell(u, value[(h, w)])
-        value.update(updated)
-    return torch.stack([torch.stack([value[(h, w)] for w in range(width)], -1) for h in range(height)], -2)
+    for line, given in zip(lines, cell.inputs, strict=True):
+        given = given.view(batch, len(line), 3 * features)
+        for n, (h, w) in enumerate(line):
+            expected = [
+                a[:, :, h + dh, w + dw] if 0 <= h + dh < height and 0 <= w + dw < width else zero
+                for dh, dw in NEIGHBOURS[direction]
+            ]
+            assert torch.equal(given[:, n], torch.cat(expected, 1)), (h, w)
 
 
-def oracle_layer(layer: SDNLayer, x: Tensor) -> Tensor:
+def reference_layer(layer: SDNLayer, x: Tensor) -> Tensor:
     a = torch.tanh(layer.project_in(x))
     for correction in layer.corrections:
-        a = oracle_sweep(a, correction.cell, correction.direction)
+        a = reference_sweep(a, correction.cell, correction.direction)
     return layer.project_out(a)
 
 
@@ -61,12 +80,12 @@ def gradients(y: Tensor, inputs: list[Tensor], grad: Tensor) -> list[Tensor]:
     return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, found, strict=True)]
 
 
-def assert_matches_oracle(layer: SDNLayer, x: Tensor) -> None:
+def assert_matches_reference(layer: SDNLayer, x: Tensor) -> None:
     layer = layer.double()
     x = x.double().requires_grad_()
     inputs = [x, *layer.parameters()]
     y = layer(x)
-    expected = oracle_layer(layer, x)
+    expected = reference_layer(layer, x)
     assert y.shape == expected.shape
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-9)
     grad = torch.randn_like(y)
@@ -76,27 +95,27 @@ def assert_matches_oracle(layer: SDNLayer, x: Tensor) -> None:
 
 @pytest.mark.parametrize("direction", [0, 1, 2, 3])
 @pytest.mark.parametrize("size", [(5, 7), (7, 5), (1, 1), (1, 6), (6, 1), (2, 2)])
-def test_each_direction_matches_oracle(direction: int, size: tuple[int, int]) -> None:
-    assert_matches_oracle(SDNLayer(2, 3, 4, [direction]), torch.randn(2, 2, *size))
+def test_each_direction_matches_reference(direction: int, size: tuple[int, int]) -> None:
+    assert_matches_reference(SDNLayer(2, 3, 4, [direction]), torch.randn(2, 2, *size))
 
 
 @pytest.mark.parametrize("directions", [[0, 1, 2, 3], [3, 0, 2], [1, 1], []])
-def test_stacked_directions_match_oracle(directions: list[int]) -> None:
-    assert_matches_oracle(SDNLayer(2, 3, 4, directions), torch.randn(2, 2, 5, 7))
+def test_stacked_directions_match_reference(directions: list[int]) -> None:
+    assert_matches_reference(SDNLayer(2, 3, 4, directions), torch.randn(2, 2, 5, 7))
 
 
-def test_strided_layer_matches_oracle() -> None:
+def test_strided_layer_matches_reference() -> None:
     layer = SDNLayer(2, 3, 4, [0, 2], kernel_size=3, stride=2, padding=1)
     x = torch.randn(2, 2, 9, 6)
     assert layer(x).shape == (2, 3, 5, 3)
-    assert_matches_oracle(layer, x)
+    assert_matches_reference(layer, x)
 
 
-def test_upsampling_layer_matches_oracle() -> None:
+def test_upsampling_layer_matches_reference() -> None:
     layer = SDNLayer(2, 3, 4, [1, 3], kernel_size=4, stride=2, padding=1, upsample=True)
     x = torch.randn(2, 2, 3, 4)
     assert layer(x).shape == (2, 3, 6, 8)
-    assert_matches_oracle(layer, x)
+    assert_matches_reference(layer, x)
 
 
 def test_channels_last_input_gives_the_same_output() -> None:
@@ -153,7 +172,7 @@ def test_single_line_sweep_changes_nothing(direction: int, size: tuple[int, int]
 def test_res_sdn_layer_gating() -> None:
     layer = ResSDNLayer(3, 4, 5, [0, 1]).double()
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
-    s, g = oracle_layer(layer.sdn, x).split(4, dim=1)
+    s, g = reference_layer(layer.sdn, x).split(4, dim=1)
     expected = torch.sigmoid(g) * layer.conv(x) + (1 - torch.sigmoid(g)) * s
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-9)
 
@@ -238,7 +257,7 @@ def test_saves_only_input_and_one_map_per_sweep() -> None:
     feature_map = 2 * 16 * 12 * 10 * 4
     # x for project_in, tanh's output (the first sweep's input), then each sweep's output
     assert saved <= x.nbytes + (1 + len(directions)) * feature_map
-    assert 5 * saved <= saved_activation_bytes(lambda: oracle_layer(layer, x), parameters)
+    assert 5 * saved <= saved_activation_bytes(lambda: reference_layer(layer, x), parameters)
 
 
 @pytest.mark.parametrize(

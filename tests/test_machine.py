@@ -31,7 +31,7 @@ from sdn.training import (
 )
 from sdn.training.module import VAEModule, recount_micro_batches
 from tests.pipeline_project import MICRO_DENSITY, REPO, Project
-from tests.test_reliability import leftover_processes, write_random_split
+from tests.reliability_tools import leftover_processes, write_random_split
 
 PARAMS = load_params(REPO / "params.yaml")
 PAPER_DENSITY_RUNS = ["cifar10-sdn", "cifar10-cnn", "imagenet32-sdn", "imagenet32-cnn", "celebahq256-sdn",

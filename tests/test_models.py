@@ -18,14 +18,17 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
+from sdn.__main__ import describe
 from sdn.__main__ import main as sdn_main
-from sdn.config import TrainConfig, build_model, experiment_config, load_params
+from sdn.config import TrainConfig, experiment_config, load_params
 from sdn.layers import ResSDNLayer, SDNLayer
+from sdn.models.build import build_model, prepare_model
 from sdn.models.configs import DensityConfig, DisentanglementConfig
 from sdn.models.density import DensityVAE
 from sdn.models.disentanglement import DisentanglementVAE, beta_schedule
-from sdn.probability import MaskedConv2d, bits_per_dim
-from sdn.training import StepBatchSampler, VAEModule, count_parameters, prepare_model
+from sdn.models.distributions import bits_per_dim
+from sdn.models.latents import MaskedConv2d
+from sdn.training import StepBatchSampler, VAEModule, count_parameters
 from tests.params_tools import dataset_of, detach
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,7 +231,7 @@ CIFAR10_SDN_PARTS = dict(
 
 
 def ladder_rows(described: dict) -> list[tuple]:
-    """`describe()`'s ladder as table rows; also checks the fields the rows leave out agree."""
+    """`describe`'s ladder as table rows; also checks the fields the rows leave out agree."""
     rows = []
     for index, layer in enumerate(described["ladder"]):
         assert layer["index"] == index and layer["sdn"] == (layer["sdn_features"] is not None)
@@ -260,7 +263,7 @@ def build_on_meta(cfg, prepared: bool = False) -> nn.Module:
 def test_density_plan_and_parameters_are_the_pinned_ones(name):
     rows, last, parameters = FAMILY_PLANS[name]
     model = build_density(name)
-    described = model.describe()
+    described = describe(model)
     assert ladder_rows(described) == rows
     assert described["last_layer"]["sdn"] == (last is not None)
     assert described["last_layer"].get("directions") == last
@@ -270,7 +273,7 @@ def test_density_plan_and_parameters_are_the_pinned_ones(name):
 @pytest.mark.parametrize("name", DENSITY_FAMILIES)
 def test_density_modules_match_the_plan(name):
     model = build_density(name)
-    for layer, plan in zip(model.ladder, model.describe()["ladder"], strict=True):
+    for layer, plan in zip(model.ladder, describe(model)["ladder"], strict=True):
         if plan["sdn"]:
             assert isinstance(layer.down_a, ResSDNLayer) and isinstance(layer.down_b, ResSDNLayer)
             for half, dirs in zip((layer.down_a, layer.down_b), plan["directions"], strict=True):
@@ -286,7 +289,7 @@ def test_density_modules_match_the_plan(name):
 def test_direction_cycle_on_a_concrete_case():
     # 3 directions per sweep set: the counter wraps inside and across layers, then the last layer
     cfg = density_config(depth=3, ds_list=[], sdn_num_dirs=3)
-    described = DensityVAE(cfg).describe()
+    described = describe(DensityVAE(cfg))
     assert [layer["directions"] for layer in described["ladder"]] == [
         [[0, 1, 2], [3, 0, 1]], [[2, 3, 0], [1, 2, 3]], [[0, 1, 2], [3, 0, 1]],
     ]
@@ -296,21 +299,21 @@ def test_direction_cycle_on_a_concrete_case():
 def test_layers_outside_the_sdn_range_take_no_directions():
     # 8x8 images, SDN only at scale <= 4: layer 0 (8x8) is a conv, the last layer too
     cfg = density_config(depth=3, ds_list=[0], sdn_max_scale=4)
-    described = DensityVAE(cfg).describe()
+    described = describe(DensityVAE(cfg))
     assert [layer["sdn"] for layer in described["ladder"]] == [False, True, True]
     assert [layer["directions"] for layer in described["ladder"]] == [None, [[0], [1]], [[2], [3]]]
     assert described["last_layer"] == {"sdn": False}
 
 
 def test_feature_reduction_only_after_downsampling_sdn_layers():
-    described = DensityVAE(density_config(**DENSITY_FAMILIES["feature-reduction"])).describe()
+    described = describe(DensityVAE(density_config(**DENSITY_FAMILIES["feature-reduction"])))
     assert [layer["scale"] for layer in described["ladder"]] == [16, 8, 4, 2]
     assert [layer["sdn_features"] for layer in described["ladder"]] == [None, 54, 51, 50]
 
 
 def test_28x28_images_are_padded_to_32():
     model = build_density("bernoulli-28x28-padded")
-    assert [layer["scale"] for layer in model.describe()["ladder"]] == [32, 16, 8]
+    assert [layer["scale"] for layer in describe(model)["ladder"]] == [32, 16, 8]
     x = model.obs.preprocess(images_for(model.cfg))
     assert [tuple(z.shape[2:]) for z in model.encode(x)] == [(8, 8), (8, 8), (16, 16)]
     assert model.sample(2, 1.0).shape == (2, 1, 28, 28)
@@ -331,7 +334,7 @@ def test_density_forward_backward(name):
         assert out[key].shape == (3,) and torch.isfinite(out[key]).all(), key
     assert len(out["kl_layers"]) == len(out["z"]) == cfg.depth
     # latents top layer first, each at its layer's map size after downsampling
-    plans = model.describe()["ladder"][::-1]
+    plans = describe(model)["ladder"][::-1]
     sizes = [p["scale"] // 2 if p["downsample"] else p["scale"] for p in plans]
     assert [tuple(z.shape) for z in out["z"]] == [(3, cfg.z_size, s, s) for s in sizes]
 
@@ -489,7 +492,7 @@ def test_beta_vae_structure_is_the_pinned_one(name):
     plan, parameters = BETA_VAE_PLANS[name]
     model = build_beta_vae(name)
     assert count_parameters(model) == parameters
-    stages = model.describe()["decoder_stages"]
+    stages = describe(model)["decoder_stages"]
     assert [stage["scale"] for stage in stages] == [8, 16, 32, 64]
     assert [stage["sdn"] for stage in stages] == [entry is not None for entry in plan]
     upsamplers = [m for m in model.decoder if isinstance(m, (SDNLayer, nn.ConvTranspose2d))]
@@ -502,7 +505,7 @@ def test_beta_vae_structure_is_the_pinned_one(name):
 
 
 def test_beta_vae_directions_cycle_across_stages():
-    stages = DisentanglementVAE(beta_vae_config(**BETA_VAE_FAMILIES["sdn-everywhere"])).describe()
+    stages = describe(DisentanglementVAE(beta_vae_config(**BETA_VAE_FAMILIES["sdn-everywhere"])))
     assert [s["directions"] for s in stages["decoder_stages"]] == [[0, 1], [2, 3], [0, 1], [2, 3]]
 
 
@@ -857,7 +860,7 @@ DENSITY_RUNS = [name for name in PARAMS["experiments"] if dataset_of(PARAMS, nam
 def test_density_experiments_have_the_pinned_ladders(name):
     kind = name.rsplit("-", 1)[1]
     run = dataset_of(PARAMS, name)
-    described = build_on_meta(experiment_config(PARAMS, name)).describe()
+    described = describe(build_on_meta(experiment_config(PARAMS, name)))
     sdn = kind != "cnn"
     assert ladder_rows(described) == paper_rows(run, sdn)
     last = PAPER_LADDERS[run]["last"] if sdn else None
@@ -870,7 +873,7 @@ def test_density_experiments_have_the_pinned_ladders(name):
     ("3dshapes-sdn", [None, None, (200, [0]), None]), ("3dshapes-cnn", [None] * 4),
 ])
 def test_beta_vae_experiments_have_the_pinned_decoders(name, stages):
-    described = build_on_meta(experiment_config(PARAMS, name)).describe()["decoder_stages"]
+    described = describe(build_on_meta(experiment_config(PARAMS, name)))["decoder_stages"]
     assert [stage["scale"] for stage in described] == [8, 16, 32, 64]
     found = [(s["sdn_features"], s["directions"]) if s["sdn"] else None for s in described]
     assert found == stages

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdn.config import build_model
 from sdn.evaluation import samples as pictures
+from sdn.models.build import build_model
 from tests.evaluation_workdir import micro_experiment
 
 

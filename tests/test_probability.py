@@ -8,17 +8,23 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from sdn.probability import (
-    Bernoulli,
-    DiscretizedLogistic,
-    DiscretizedMixLogistic,
+from sdn.models import configs
+from sdn.models.latents import (
+    POSTERIOR_MODELS,
+    PRIOR_MODELS,
     IAFPosterior,
     IsoGaussianPosterior,
     IsoGaussianPrior,
-    ObservationModel,
-    build_observation,
     build_posterior,
     build_prior,
+)
+from sdn.models.observations import (
+    OBSERVATION_MODELS,
+    Bernoulli,
+    DiscretizedLogistic,
+    DiscretizedMixLogistic,
+    ObservationModel,
+    build_observation,
 )
 
 
@@ -413,3 +419,10 @@ def test_unknown_names_raise_with_the_choices():
         build_observation("DML", 3, 10, 9)
     assert isinstance(build_posterior("IAF", 4), IAFPosterior)
     assert isinstance(build_observation("DL", 3, 10, 8), DiscretizedLogistic)
+
+
+def test_name_tables_match_the_configuration_choices():
+    # the configuration validates names against torch-free tuples; the builders use these tables
+    assert tuple(POSTERIOR_MODELS) == configs.POSTERIORS
+    assert tuple(PRIOR_MODELS) == configs.PRIORS
+    assert tuple(OBSERVATION_MODELS) == configs.OBSERVATIONS

@@ -11,7 +11,8 @@ from sdn.config import load_params, validate_params
 from sdn.data.sources import make_source
 from sdn.errors import ConfigError
 from sdn.models.configs import OBSERVATIONS, POSTERIORS, PRIORS
-from sdn.probability import build_observation, build_posterior, build_prior
+from sdn.models.latents import build_posterior, build_prior
+from sdn.models.observations import build_observation
 
 PARAMS = load_params()
 CIFAR10 = PARAMS["datasets"]["cifar10"]

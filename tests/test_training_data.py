@@ -10,7 +10,9 @@ import torch
 from sdn.config import experiment_config
 from sdn.data.datamodule import ImageDataModule
 from sdn.models.density import DensityVAE
-from tests.test_reliability import EXPERIMENT, Workdir, isolated_torch, tiny_params  # noqa: F401
+from tests.reliability_tools import EXPERIMENT, Workdir, tiny_params
+
+pytestmark = pytest.mark.usefixtures("isolated_torch")
 
 STEPS, BATCH = 4, 4
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sdn.config import ExperimentConfig, experiment_config
-from tests.test_reliability import EXPERIMENT, CrashAt, SimulatedCrash, Workdir, tiny_params
+from tests.reliability_tools import EXPERIMENT, CrashAt, SimulatedCrash, Workdir, tiny_params
 
 BAR = re.compile(r"step (\d+)/(\d+) \|")
 

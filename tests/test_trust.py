@@ -29,9 +29,9 @@ from sdn.data.lmdb_store import SplitMetadata, write_split
 from sdn.errors import CheckpointError, ChecksumError, DatasetError
 from sdn.training import LAST_CHECKPOINT, AtomicCheckpointIO, load_ema_model
 from tests.pipeline_project import Project
+from tests.reliability_tools import EXPERIMENT, Workdir, stage_process, tiny_cfg
 from tests.test_data_download import FileServer, serving
 from tests.test_data_sources import cifar_archive, python2_pickle
-from tests.test_reliability import EXPERIMENT, Workdir, stage_process, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -397,7 +397,7 @@ def test_every_stage_has_help_and_a_usage_line(bare_project: Project) -> None:
 
 
 def test_an_error_from_a_dataloader_worker_is_reported_as_its_own_message() -> None:
-    from sdn.pipeline import _one_line
+    from sdn.pipeline import one_line
 
     class Broken(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -409,4 +409,4 @@ def test_an_error_from_a_dataloader_worker_is_reported_as_its_own_message() -> N
     with pytest.raises(DatasetError) as info:
         next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1)))
     assert "Original Traceback" in str(info.value)  # what the worker's error arrives as
-    assert _one_line(info.value) == "photos32/train record 3 fails its checksum: rebuild it"
+    assert one_line(info.value) == "photos32/train record 3 fails its checksum: rebuild it"

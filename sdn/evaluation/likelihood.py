@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sdn.probability import bits_per_dim
+from sdn.models.distributions import bits_per_dim
 
 ElboOutput = Tensor | dict[str, Tensor]
 ElboFn = Callable[[Tensor], ElboOutput]

@@ -28,6 +28,15 @@ from sdn.evaluation.likelihood import evaluate_density
 from sdn.evaluation.spectrum import nyquist_share
 from sdn.training import LAST_CHECKPOINT, load_ema_model
 
+# The pictures the sample stage draws for each kind of model besides its sample grids, in drawing
+# order: what each model learnt shows differently (a ladder's layers, a β-VAE's codes).
+PICTURES = {
+    "density": ("interpolations", "neighbourhood", "nearest_train"),
+    "disentanglement": ("reconstructions", "traversals"),
+}
+# The kinds of model whose codes evaluation scores against the data's factors of variation.
+SCORES_FACTORS = ("disentanglement",)
+
 
 def _load(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path):
     """The EMA model on the experiment's device, and the experiment's data (validation split
@@ -75,7 +84,7 @@ def evaluate_experiment(cfg: ExperimentConfig, lmdb_dir: Path, ckpt_dir: Path, o
     # wall time and device are printed, not stored: the metrics file must be identical across reruns
     print(f"[sdn] {cfg.name}: evaluated {metrics['num_images']} images x {ev.iw_samples} samples "
           f"on {device} ({precision_used(precision, device)}) in {time.perf_counter() - started:.1f} s")
-    if model.scores_factors:
+    if cfg.kind in SCORES_FACTORS:
         started = time.perf_counter()
         metrics.update(disentanglement_scores(cfg, model, lmdb_dir, device))
         print(f"[sdn] {cfg.name}: disentanglement scores in {time.perf_counter() - started:.1f} s")
@@ -188,7 +197,7 @@ def _pictures_to_draw(
     cfg: ExperimentConfig, model, x: torch.Tensor, data: ImageDataModule
 ) -> list[tuple[str, int, str, Callable[[], torch.Tensor]]]:
     """(file name, images per row, title, how to draw it) for each picture, in drawing order: the
-    sample grids, then the pictures the model names in `sample_pictures`; `x` holds validation
+    sample grids, then the pictures `PICTURES` names for the kind of model; `x` holds validation
     images. Titles name the experiment and what the picture shows."""
     sc = cfg.sample
     n = sc.grid
@@ -210,7 +219,7 @@ def _pictures_to_draw(
         )
         for t in sc.temperatures
     ]
-    # the model names the other pictures that show what it learnt (`sample_pictures`)
+    # the other pictures, which show what the model learnt (`PICTURES`)
     kept = f"{name} · top {sc.neighbourhood_layers} layers kept, T = {sc.neighbourhood_temperature:g}"
     drawn_for = {
         "interpolations": [
@@ -244,7 +253,7 @@ def _pictures_to_draw(
             ),
         ],
     }
-    for picture in model.sample_pictures:
+    for picture in PICTURES[cfg.kind]:
         pictures_to_draw += drawn_for[picture]
     return pictures_to_draw
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# The choices of the models' string knobs, named as in the release's hyper-parameters.
+# The choices of the models' string knobs, named as in the release's hyper-parameters; the
+# distributions' tables (`sdn.models.latents`, `sdn.models.observations`) list the same names.
 MODEL_KINDS = ("density", "disentanglement")
 POSTERIORS = ("IAF", "IsoGaussian")
 PRIORS = ("IsoGaussian",)

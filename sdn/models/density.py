@@ -21,12 +21,13 @@ from sdn.models.configs import (
     last_layer_uses_sdn,
     uses_sdn_at,
 )
-from sdn.probability import build_observation, build_posterior, build_prior
+from sdn.models.latents import build_posterior, build_prior
+from sdn.models.observations import build_observation
 
 
 @dataclass
 class LayerPlan:
-    """How one ladder layer is built: what `python -m sdn info` reports."""
+    """How one ladder layer is built (`plan_ladder`); the model keeps its plans as `plans`."""
 
     scale: int
     downsample: bool
@@ -127,12 +128,6 @@ class DensityVAE(nn.Module):
     >>> model(x)["elbo"].shape
     torch.Size([2])
     """
-
-    # The pictures the sample stage draws besides its sample grids, in this order
-    # (`sdn.evaluation.run.sample_experiment`), and whether evaluation scores the codes against the
-    # data's factors of variation (the β-VAE's disentanglement metrics).
-    sample_pictures = ("interpolations", "neighbourhood", "nearest_train")
-    scores_factors = False
 
     def __init__(self, cfg: DensityConfig) -> None:
         super().__init__()
@@ -265,23 +260,3 @@ class DensityVAE(nn.Module):
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """`n` images with every latent drawn from the prior at `temperature`."""
         return self.decode([], temperature=temperature, batch=n)
-
-    def describe(self) -> dict:
-        """JSON-ready structure: per ladder layer (bottom to top) scale, SDN use, features, directions."""
-        layers = [
-            {
-                "index": i,
-                "scale": plan.scale,
-                "downsample": plan.downsample,
-                "sdn": plan.use_sdn,
-                "sdn_features": plan.sdn_features,
-                "directions": [plan.dirs_a, plan.dirs_b] if plan.use_sdn else None,
-            }
-            for i, plan in enumerate(self.plans)
-        ]
-        last = {"sdn": self.last_uses_sdn}
-        if self.last_uses_sdn:
-            last["sdn_features"] = self.cfg.sdn_nfeat_0
-            last["directions"] = [c.direction for c in self.last_layer.sdn.corrections]
-        return {"ladder": layers, "last_layer": last, "top_scale": self.top_scale}
-

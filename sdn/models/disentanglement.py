@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from sdn.layers import DirectionCycle, SDNLayer
 from sdn.models.configs import BETA_VAE_SCALES, DisentanglementConfig, uses_sdn_at
-from sdn.probability import build_observation
+from sdn.models.observations import build_observation
 
 # Decoder stages after the 4×4 reshape: (in channels, out channels, output scale).
 _STAGES = tuple(zip((64, 64, 32, 32), (64, 32, 32, None), BETA_VAE_SCALES, strict=True))
@@ -21,10 +21,6 @@ class DisentanglementVAE(nn.Module):
     >>> model(x)["elbo"].shape
     torch.Size([2])
     """
-
-    # see DensityVAE
-    sample_pictures = ("reconstructions", "traversals")
-    scores_factors = True
 
     def __init__(self, cfg: DisentanglementConfig) -> None:
         super().__init__()
@@ -128,19 +124,6 @@ class DisentanglementVAE(nn.Module):
         device = next(self.parameters()).device
         z = temperature * torch.randn(n, self.cfg.z_size, device=device)
         return self.obs.mode(self.decoder(z))
-
-    def describe(self) -> dict:
-        """JSON-ready structure of the decoder stages."""
-        stages = []
-        sdn_layers = iter(m for m in self.decoder if isinstance(m, SDNLayer))
-        for (_, _, scale), use_sdn in zip(_STAGES, self.stage_uses_sdn, strict=True):
-            entry = {"scale": scale, "sdn": use_sdn}
-            if use_sdn:
-                layer = next(sdn_layers)
-                entry["sdn_features"] = layer.project_in.out_channels
-                entry["directions"] = [c.direction for c in layer.corrections]
-            stages.append(entry)
-        return {"decoder_stages": stages}
 
 
 def beta_schedule(step: int, beta_final: float, beta_rate: float) -> float:

@@ -19,8 +19,8 @@ by the micro-batch's place in the run, so resumed, distributed and accumulated r
 from typing import Any
 
 # Each name is served from its module on first use, so that a stage importing one piece (the
-# release import needs the model preparation and the fingerprint) neither loads nor depends on
-# the others: dvc.yaml lists each stage's modules.
+# release import needs the fingerprint) neither loads nor depends on the others: dvc.yaml lists
+# each stage's modules.
 __all__ = [
     "LAST_CHECKPOINT",
     "TRAIN_COLUMNS",
@@ -39,7 +39,6 @@ __all__ = [
     "load_ema_model",
     "micro_batches_per_step",
     "noise_seed",
-    "prepare_model",
     "resumable_checkpoint",
     "run_ranks",
     "train_experiment",
@@ -60,7 +59,7 @@ def __getattr__(name: str) -> Any:
         from sdn.training import curves
 
         return getattr(curves, name)
-    if name in ("VAEModule", "count_parameters", "load_ema_model", "noise_seed", "prepare_model"):
+    if name in ("VAEModule", "count_parameters", "load_ema_model", "noise_seed"):
         from sdn.training import module
 
         return getattr(module, name)

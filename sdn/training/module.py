@@ -12,32 +12,12 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from sdn.config import ExperimentConfig, TrainConfig, build_model
+from sdn.config import ExperimentConfig
 from sdn.data.datamodule import random_flips
 from sdn.errors import CheckpointError, NonFiniteLossError
-from sdn.probability import bits_per_dim
+from sdn.models.build import build_model, prepare_model
+from sdn.models.distributions import bits_per_dim
 from sdn.training.checkpoints import config_fingerprint, load_checkpoint_file
-
-
-def prepare_model(model: nn.Module, train: TrainConfig) -> nn.Module:
-    """The release's initialisation, then weight normalisation on every conv (as released).
-
-    `train.init == "orthogonal"`: conv weights orthogonal, `Linear` weights N(0, 0.02); biases
-    keep PyTorch's default init. `train.weight_norm`: one gain g per output channel and the
-    direction v of each conv weight, which for `ConvTranspose2d` (weight shape (in, out, k, k))
-    means along dim 1. The release's density models are normalised, its β-VAE is not.
-    """
-    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-    if train.init == "orthogonal":
-        for conv in convs:
-            nn.init.orthogonal_(conv.weight)
-        for linear in (m for m in model.modules() if isinstance(m, nn.Linear)):
-            nn.init.normal_(linear.weight, 0.0, 0.02)
-    if train.weight_norm:
-        for conv in convs:
-            output_dim = 1 if isinstance(conv, nn.ConvTranspose2d) else 0
-            torch.nn.utils.parametrizations.weight_norm(conv, dim=output_dim)
-    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,52 +1,26 @@
-"""Probability models of the SDN-VAEs: latent posteriors and priors, and observation models.
+"""Observation models p(x | params) of both VAEs (docs/maths.md#observation-models).
 
-Every distribution reads its parameters from a feature map produced by a network, so
-parameters arrive as channels of a (B, P, H, W) tensor. Latent log-densities are returned
-elementwise (same shape as the latent map) so that the caller can sum per image or per
-layer; observation log-likelihoods are returned per image, shape (B,).
-
-Latents (docs/maths.md#latents):
-
-* ``IsoGaussianPosterior`` / ``IsoGaussianPrior``: channels ``[mean (z), log-variance (z)]``.
-* ``IAFPosterior``: channels ``[mean (z), log-variance (z), context (c)]`` with
-  ``c = max(100 // z, 1) * z``, followed by one inverse-autoregressive flow step whose
-  autoregressive network uses spatially masked (raster order) convolutions.
-
-Observations (images are uint8 in 0..255; ``preprocess`` maps them to the model's data space):
+Images are uint8 in 0..255; ``preprocess`` maps them to the model's data space:
 
 * ``DiscretizedMixLogistic`` (DML, PixelCNN++): data in [-1, 1].
 * ``DiscretizedLogistic`` (DL): data in [-0.5, 0.5], one learned global log-scale, as released
   (not exactly normalised).
 * ``Bernoulli``: data in {0, 1}.
+
+Each class carries the name the release's hyper-parameters give it (``obs_model``);
+``OBSERVATION_MODELS`` maps those names to the classes.
 """
+
+from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdn.models.configs import OBSERVATIONS, POSTERIORS, PRIORS
-
-LOG_2PI = math.log(2.0 * math.pi)
-
-
-def bits_per_dim(nats: Tensor | float, dims: int, images: float = 1.0) -> Tensor | float:
-    """A negative log-likelihood in nats, summed over `images` images of `dims` values each
-    (C·H·W), as bits per dimension: nats / (dims · images · ln 2)."""
-    return nats / (dims * math.log(2.0) * images)
-
-
-def _at_least_float32(tensor: Tensor) -> Tensor:
-    """Upcast half-precision tensors: log-likelihood tails underflow in 16 bits."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-
-
-def _check_temperature(temperature: float) -> None:
-    if temperature < 0:
-        raise ValueError(f"sampling temperature must be >= 0, got {temperature}")
+from sdn.models.distributions import at_least_float32, check_temperature, unknown_name
 
 
 def _check_nbits(nbits: int) -> None:
@@ -70,145 +44,15 @@ def _logistic_noise(like: Tensor) -> Tensor:
     return torch.log(uniform) - torch.log1p(-uniform)
 
 
-def _gaussian_log_prob(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
-    return -0.5 * (logvar + LOG_2PI + (z - mean) ** 2 * torch.exp(-logvar))
-
-
-# --------------------------------------------------------------------------------------------
-# Latent distributions
-# --------------------------------------------------------------------------------------------
-
-
-class IsoGaussianPosterior(nn.Module):
-    """Diagonal Gaussian posterior; params channels are ``[mean (z), log-variance (z)]``."""
-
-    def __init__(self, z_size: int) -> None:
-        super().__init__()
-        self.z_size = z_size
-        self.num_params = 2 * z_size
-
-    def forward(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        """Reparameterised sample ``z`` and elementwise ``log q(z)``."""
-        mean, logvar = _at_least_float32(params).chunk(2, dim=1)
-        eps = torch.randn_like(mean)
-        z = mean + torch.exp(0.5 * logvar) * eps
-        # Written in terms of eps: exact and cheaper than re-standardising z.
-        log_q = -0.5 * (logvar + LOG_2PI + eps**2)
-        return z, log_q
-
-    def mode(self, params: Tensor) -> Tensor:
-        """The posterior mean."""
-        return params.chunk(2, dim=1)[0]
-
-
-class MaskedConv2d(nn.Conv2d):
-    """'Same' convolution whose kernel sees only raster-order earlier positions (PixelCNN).
-
-    Type ``"A"`` hides the centre and everything after it; type ``"B"`` hides only what comes
-    after the centre. There is no masking across channels. The mask is applied to
-    ``self.weight`` in every forward (not once to the data), so orthogonal initialisation and
-    weight normalisation applied later to this module keep the autoregressive property.
-
-    As released, the masked taps are zeroed in the weight's value only: the convolution's
-    gradient reaches them too, and through them weight normalisation's g and v (the release
-    zeroes ``weight.data`` in place, which autograd does not see). The output, and the gradient
-    with respect to the input, are those of the masked kernel.
-    """
-
-    mask: Tensor
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, mask_type: str):
-        if mask_type not in ("A", "B"):
-            raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
-        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
-        centre = kernel_size // 2
-        mask = torch.ones(kernel_size, kernel_size)
-        mask[centre, centre + (mask_type == "B") :] = 0
-        mask[centre + 1 :] = 0
-        self.register_buffer("mask", mask)
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight
-        # value weight * mask, gradient with respect to `weight` unmasked (straight through)
-        masked = weight - (weight * (1 - self.mask)).detach()
-        return F.conv2d(x, masked, self.bias, self.stride, self.padding)
-
-
-class IAFPosterior(nn.Module):
-    """Gaussian posterior followed by one inverse autoregressive flow step (IAF-VAE).
-
-    Params channels are ``[mean (z), log-variance (z), context (c)]``,
-    ``c = max(100 // z, 1) * z``. With ``z0 = mean + sigma * eps`` and
-    ``(m, s) = 0.1 * ARNet(z0, context)``, the output is ``z = (z0 - m) / exp(s)`` and
-    ``log q(z) = log N(z0; mean, sigma) + s``. ARNet's masks make ``(m, s)`` at a position
-    depend only on ``z0`` at raster-order earlier positions, so the Jacobian is triangular.
-    """
-
-    def __init__(self, z_size: int) -> None:
-        super().__init__()
-        self.z_size = z_size
-        self.context_size = max(100 // z_size, 1) * z_size
-        self.num_params = 2 * z_size + self.context_size
-        self.ar_input = MaskedConv2d(z_size, self.context_size, 3, "A")
-        self.ar_hidden = MaskedConv2d(self.context_size, self.context_size, 3, "B")
-        self.ar_output = MaskedConv2d(self.context_size, 2 * z_size, 3, "B")
-
-    def _split(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return params.split([self.z_size, self.z_size, self.context_size], dim=1)
-
-    def _flow(self, z0: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
-        hidden = self.ar_input(z0) + context
-        hidden = self.ar_hidden(F.elu(hidden))
-        shift, log_scale = (0.1 * self.ar_output(F.elu(hidden))).chunk(2, dim=1)
-        return (z0 - shift) * torch.exp(-log_scale), log_scale
-
-    def forward(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        """Reparameterised sample ``z`` after the flow and its elementwise ``log q(z)``."""
-        mean, logvar, context = self._split(_at_least_float32(params))
-        eps = torch.randn_like(mean)
-        z, log_scale = self._flow(mean + torch.exp(0.5 * logvar) * eps, context)
-        log_q = -0.5 * (logvar + LOG_2PI + eps**2) + log_scale
-        return z, log_q
-
-    def mode(self, params: Tensor) -> Tensor:
-        """The flow applied to the Gaussian mean (``eps = 0``)."""
-        mean, _, context = self._split(params)
-        return self._flow(mean, context)[0]
-
-
-class IsoGaussianPrior(nn.Module):
-    """Diagonal Gaussian prior; params channels are ``[mean (z), log-variance (z)]``."""
-
-    def __init__(self, z_size: int) -> None:
-        super().__init__()
-        self.z_size = z_size
-        self.num_params = 2 * z_size
-
-    def log_prob(self, z: Tensor, params: Tensor) -> Tensor:
-        """Elementwise ``log p(z)``."""
-        mean, logvar = _at_least_float32(params).chunk(2, dim=1)
-        return _gaussian_log_prob(_at_least_float32(z), mean, logvar)
-
-    def sample(self, params: Tensor, temperature: float = 1.0) -> Tensor:
-        """Draw with standard deviation ``temperature * sigma``; ``temperature=0`` is the mean."""
-        _check_temperature(temperature)
-        mean, logvar = params.chunk(2, dim=1)
-        if temperature == 0:
-            return mean.clone()
-        return mean + temperature * torch.exp(0.5 * logvar) * torch.randn_like(mean)
-
-    def mode(self, params: Tensor) -> Tensor:
-        """The prior mean."""
-        return params.chunk(2, dim=1)[0]
-
-
-# --------------------------------------------------------------------------------------------
-# Observation models
-# --------------------------------------------------------------------------------------------
-
-
 class ObservationModel(nn.Module, ABC):
     """p(x | params) for an image ``x`` in the model's data space (see ``preprocess``)."""
+
+    name: str  # as `obs_model` names it
+
+    @classmethod
+    @abstractmethod
+    def from_hyperparameters(cls, channels: int, mix_components: int, nbits: int) -> ObservationModel:
+        """The model for ``channels``-channel images, from the knobs a configuration sets."""
 
     @abstractmethod
     def num_params(self, channels: int) -> int:
@@ -254,6 +98,12 @@ class DiscretizedMixLogistic(ObservationModel):
     clamped to [-1, 1]; only the finished image is snapped to the grid. The mode takes the most
     likely component's means, coupled the same way. ``T = 0`` gives the mode.
     """
+
+    name = "DML"
+
+    @classmethod
+    def from_hyperparameters(cls, channels: int, mix_components: int, nbits: int) -> DiscretizedMixLogistic:
+        return cls(channels, mix_components, nbits)
 
     def __init__(self, channels: int = 3, mix_components: int = 10, nbits: int = 8) -> None:
         super().__init__()
@@ -309,7 +159,7 @@ class DiscretizedMixLogistic(ObservationModel):
         return mean
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
-        x, params = _at_least_float32(x), _at_least_float32(params)
+        x, params = at_least_float32(x), at_least_float32(params)
         logits, means, log_scales, coeffs = self._unpack(params)
         values = [x[:, c].unsqueeze(1) for c in range(self.channels)]  # (B, 1, H, W) each
         means = torch.stack(
@@ -355,7 +205,7 @@ class DiscretizedMixLogistic(ObservationModel):
         return self._to_data(self._to_levels(torch.stack(drawn, dim=1)))
 
     def sample(self, params: Tensor, temperature: float = 1.0) -> Tensor:
-        _check_temperature(temperature)
+        check_temperature(temperature)
         return self._draw(params, temperature)
 
     def mode(self, params: Tensor) -> Tensor:
@@ -379,7 +229,12 @@ class DiscretizedLogistic(ObservationModel):
     snapped to the grid.
     """
 
+    name = "DL"
     MEAN_LIMIT = 0.5 - 1.0 / 512.0
+
+    @classmethod
+    def from_hyperparameters(cls, channels: int, mix_components: int, nbits: int) -> DiscretizedLogistic:
+        return cls(nbits)
 
     def __init__(self, nbits: int = 8) -> None:
         super().__init__()
@@ -408,14 +263,14 @@ class DiscretizedLogistic(ObservationModel):
         return params.clamp(-self.MEAN_LIMIT, self.MEAN_LIMIT)
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
-        x, params = _at_least_float32(x), _at_least_float32(params)
-        scale = torch.exp(_at_least_float32(self.log_scale))
+        x, params = at_least_float32(x), at_least_float32(params)
+        scale = torch.exp(at_least_float32(self.log_scale))
         lower = (x - self._mean(params)) / scale
         mass = torch.sigmoid(lower + self.bin_width / scale) - torch.sigmoid(lower)
         return torch.log(mass + 1e-7).flatten(1).sum(dim=1)
 
     def sample(self, params: Tensor, temperature: float = 1.0) -> Tensor:
-        _check_temperature(temperature)
+        check_temperature(temperature)
         if temperature == 0:
             return self.mode(params)
         noise = temperature * torch.exp(self.log_scale) * _logistic_noise(params)
@@ -432,6 +287,12 @@ class Bernoulli(ObservationModel):
     Temperature ``T`` divides the logits, ``p = sigmoid(logits / T)``; ``T = 0`` is the mode.
     """
 
+    name = "Bernoulli"
+
+    @classmethod
+    def from_hyperparameters(cls, channels: int, mix_components: int, nbits: int) -> Bernoulli:
+        return cls()
+
     def num_params(self, channels: int) -> int:
         return channels
 
@@ -442,12 +303,12 @@ class Bernoulli(ObservationModel):
         return x.float().clamp(0, 1)
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:
-        x, params = _at_least_float32(x), _at_least_float32(params)
+        x, params = at_least_float32(x), at_least_float32(params)
         log_probs = -F.binary_cross_entropy_with_logits(params, x, reduction="none")
         return log_probs.flatten(1).sum(dim=1)
 
     def sample(self, params: Tensor, temperature: float = 1.0) -> Tensor:
-        _check_temperature(temperature)
+        check_temperature(temperature)
         if temperature == 0:
             return self.mode(params)
         return torch.bernoulli(torch.sigmoid(params / temperature))
@@ -457,38 +318,12 @@ class Bernoulli(ObservationModel):
         return (params > 0).to(params.dtype)
 
 
-# --------------------------------------------------------------------------------------------
-# Factories (names as in the release's hyper-parameters)
-# --------------------------------------------------------------------------------------------
-
-_POSTERIORS = dict(zip(POSTERIORS, (IAFPosterior, IsoGaussianPosterior), strict=True))
-_PRIORS = dict(zip(PRIORS, (IsoGaussianPrior,), strict=True))
-
-
-def _unknown(kind: str, name: str, choices: Iterable[str]) -> ValueError:
-    return ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(choices)}")
-
-
-def build_posterior(name: str, z_size: int) -> nn.Module:
-    """The posterior named by ``post_model``: ``"IAF"`` or ``"IsoGaussian"``."""
-    if name not in _POSTERIORS:
-        raise _unknown("post_model", name, POSTERIORS)
-    return _POSTERIORS[name](z_size)
-
-
-def build_prior(name: str, z_size: int) -> nn.Module:
-    """The prior named by ``prior_model``: ``"IsoGaussian"``."""
-    if name not in _PRIORS:
-        raise _unknown("prior_model", name, PRIORS)
-    return _PRIORS[name](z_size)
+# The choices of `obs_model`, in the order error messages list them.
+OBSERVATION_MODELS = {cls.name: cls for cls in (DiscretizedMixLogistic, DiscretizedLogistic, Bernoulli)}
 
 
 def build_observation(name: str, channels: int, mix_components: int, nbits: int) -> ObservationModel:
     """The observation model named by ``obs_model``: ``"DML"``, ``"DL"`` or ``"Bernoulli"``."""
-    if name == "DML":
-        return DiscretizedMixLogistic(channels, mix_components, nbits)
-    if name == "DL":
-        return DiscretizedLogistic(nbits)
-    if name == "Bernoulli":
-        return Bernoulli()
-    raise _unknown("obs_model", name, OBSERVATIONS)
+    if name not in OBSERVATION_MODELS:
+        raise unknown_name("obs_model", name, OBSERVATION_MODELS)
+    return OBSERVATION_MODELS[name].from_hyperparameters(channels, mix_components, nbits)
