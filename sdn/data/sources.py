@@ -23,12 +23,12 @@ import lmdb
 import numpy as np
 
 from sdn.atomic import replace_dir, temp_dir
-from sdn.config import AT_LEAST_1, SEED, UNIT_OPEN, Range, check_value, missing_key, reject_unknown, type_ok
 from sdn.data import photos, sprites
 from sdn.data.download import ALGORITHMS, fetch, file_name, verify_file
 from sdn.data.lmdb_store import SplitMetadata, write_split
 from sdn.data.tfrecord import parse_example, read_records
 from sdn.errors import ConfigError, DatasetError, DatasetNotFoundError, did_you_mean, local_write_error
+from sdn.schema import AT_LEAST_1, SEED, UNIT_OPEN, Range, check_value, missing_key, reject_unknown, type_ok
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray]]  # (images (B, C, H, W) uint8, labels (B, K) int64)
 _REQUIRED = object()
