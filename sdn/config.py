@@ -1,8 +1,9 @@
-"""Loading and validating `params.yaml`: the one source of truth for every stage.
+"""The experiments of `params.yaml` and `paper.yaml` (read by `sdn.params`), validated and
+assembled: each experiment over its base, with the global trainer defaults.
 
-Every section is checked against a dataclass before any work starts: unknown (misspelt) keys,
-wrong types and impossible values stop with a `ConfigError` naming the dotted key and what was
-expected.
+Every section is checked against a dataclass before any work starts (`sdn.schema`): unknown
+(misspelt) keys, wrong types and impossible values stop with a `ConfigError` naming the dotted key
+and what was expected.
 """
 
 from __future__ import annotations
@@ -12,10 +13,7 @@ import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from sdn.errors import ConfigError, did_you_mean
 from sdn.models.configs import (
@@ -28,6 +26,10 @@ from sdn.models.configs import (
     ladder_scales,
     uses_sdn,
 )
+from sdn.params import NAMED_SECTIONS, PAPER_FILE, dataset_config
+
+# Re-exported: sdn/__main__.py and benchmarks/ read the parameters through this module.
+from sdn.params import load_params as load_params
 from sdn.schema import (
     AT_LEAST_1,
     CHOICE,
@@ -42,81 +44,8 @@ from sdn.schema import (
     required,
 )
 
-PARAMS_FILE = Path("params.yaml")
-# Read with params.yaml, from the same folder: the paper's runs, which no stage tracks until enabled
-# (`dvc exp show` shows the whole of params.yaml, but only the tracked keys of other files).
-PAPER_FILE = "paper.yaml"
 INITS = ("orthogonal", "default")
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: run stages from the repository root, where params.yaml is.")
-    with path.open() as handle:
-        try:
-            data = yaml.safe_load(handle)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(data).__name__}.")
-    return data
-
-
-def params_files(path: str | Path = PARAMS_FILE) -> list[Path]:
-    """params.yaml and, where it exists beside it, paper.yaml."""
-    path = Path(path)
-    paper = path.parent / PAPER_FILE
-    return [path, paper] if paper.is_file() else [path]
-
-
-def defining_files(path: str | Path = PARAMS_FILE) -> dict[str, dict[str, str]]:
-    """For each section (datasets, bases, experiments), which file (its name, as dvc.yaml names it)
-    defines each entry."""
-    found: dict[str, dict[str, str]] = {section: {} for section in NAMED_SECTIONS}
-    for file in params_files(path):
-        data = _read_yaml(file)
-        for section in NAMED_SECTIONS:
-            entries = data.get(section) or {}
-            if isinstance(entries, dict):
-                for name in entries:
-                    found[section].setdefault(name, file.name)
-    return found
-
-
-def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    """params.yaml, with paper.yaml beside it merged in, as a plain dict. A dataset, base or
-    experiment is defined in one of the two files only."""
-    files = params_files(path)
-    params = _read_yaml(files[0])
-    for extra in files[1:]:
-        data = _read_yaml(extra)
-        reject_unknown(data, NAMED_SECTIONS, extra.name, "unknown section (`trainer` is params.yaml's)")
-        for section, entries in data.items():
-            if entries is None:
-                continue
-            if not isinstance(entries, dict):
-                raise ConfigError(f"{extra.name}: {section}: expected a mapping, got {entries!r}.")
-            merged = params.setdefault(section, {}) or {}
-            if not isinstance(merged, dict):
-                raise ConfigError(f"{files[0]}: {section}: expected a mapping, got {type(merged).__name__}.")
-            twice = sorted(set(merged) & set(entries))
-            if twice:
-                raise ConfigError(f"{section}.{twice[0]}: defined in both {files[0].name} and {extra.name}; "
-                                  "keep one of them.")
-            params[section] = {**merged, **entries}
-    return params
-
-
-def dataset_config(params: dict[str, Any], name: str) -> dict[str, Any]:
-    """The `datasets.<name>` section, or an error listing the datasets that exist."""
-    datasets = params.get("datasets") or {}
-    if name not in datasets:
-        hint = did_you_mean(name, sorted(datasets))
-        raise ConfigError(f"datasets.{name}: no such dataset in params.yaml or {PAPER_FILE}.{hint}")
-    return datasets[name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +158,6 @@ class ExperimentConfig:
 # share, the evaluation and sampling protocol included; an experiment, its own model, training
 # and trainer keys (each overriding the base's key by key) and what only it has.
 SECTIONS = ("datasets", "trainer", "bases", "experiments")
-NAMED_SECTIONS = ("datasets", "bases", "experiments")
 BASE_KEYS = ("dataset", "seed", "model", "train", "evaluate", "sample")
 EXPERIMENT_KEYS = ("extends", "baseline", "opt_in", "reported", "release", "model", "train", "trainer")
 OVERRIDDEN = ("model", "train")  # sections an experiment merges into its base's
@@ -244,7 +172,10 @@ def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
     _require(value in choices, key, f"unknown value {value!r}; expected one of {', '.join(choices)}.")
 
 
-def _check_density(cfg: DensityConfig, at: Callable[[str], str]) -> None:
+def check_density(cfg: DensityConfig, at: Callable[[str], str]) -> None:
+    """Raise a ConfigError unless a density model's hyper-parameters fit together: its choices
+    known, `ds_list` inside the ladder, SDN layers with features and directions, and every
+    downsampled map even. `at(key)`: the dotted key an error names."""
     _choice(cfg.post_model, POSTERIORS, at("post_model"))
     _choice(cfg.prior_model, PRIORS, at("prior_model"))
     _choice(cfg.obs_model, OBSERVATIONS, at("obs_model"))
@@ -263,6 +194,10 @@ def _check_density(cfg: DensityConfig, at: Callable[[str], str]) -> None:
             not downsample or scale % 2 == 0,
             at("ds_list"), f"layer {i} would downsample an odd {scale}x{scale} map.",
         )
+
+
+# The name sdn/release.py imports the check under; check_density is the public one.
+_check_density = check_density
 
 
 def _check_disentanglement(cfg: DisentanglementConfig, at: Callable[[str], str]) -> None:
@@ -321,7 +256,7 @@ def _model_section(
     model = model_cls(image_size=image_size, channels=channels, **values)
     at = _setter(base, run, where)
     if kind == "density":
-        _check_density(model, at)
+        check_density(model, at)
     else:
         _check_disentanglement(model, at)
     return kind, model

@@ -15,14 +15,13 @@ from sdn.config import (
     OVERRIDDEN,
     ExperimentConfig,
     build_model,
-    dataset_config,
     experiment_config,
-    load_params,
     validate_params,
 )
 from sdn.data.sources import SOURCES, validate_datasets
 from sdn.errors import ConfigError
 from sdn.models.configs import DensityConfig, DisentanglementConfig
+from sdn.params import dataset_config, load_params
 from sdn.schema import Range, build_section, has_range, mentions_number, ranged
 from sdn.training import VAEModule, config_fingerprint
 from tests.params_tools import BASE_ONLY

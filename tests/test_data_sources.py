@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import mutual_info_score
 
-from sdn.config import dataset_config, load_params
 from sdn.data import LMDBImageDataset, convert_dataset, download_dataset, inspect_dataset, make_source
 from sdn.data.sprites import factor_values, render_sprites
 from sdn.errors import ConfigError, DatasetError
+from sdn.params import dataset_config, load_params
 from tests.test_data_download import FileServer, encode_example, serving, tfrecord_file
 
 PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")

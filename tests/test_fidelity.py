@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
-from sdn.config import build_model, experiment_config, load_params
+from sdn.config import build_model, experiment_config
 from sdn.evaluation.samples import interpolate_density
 from sdn.models.configs import DensityConfig
 from sdn.models.density import DensityVAE
 from sdn.models.disentanglement import DisentanglementVAE
+from sdn.params import load_params
 from sdn.probability import DiscretizedLogistic, DiscretizedMixLogistic, MaskedConv2d
 from sdn.training import StepBatchSampler, VAEModule, count_parameters, load_ema_model, prepare_model
 from tests.params_tools import detach

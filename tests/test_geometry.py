@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdn.config import experiment_config, load_params
+from sdn.config import experiment_config
 from sdn.errors import ConfigError
 from sdn.layers import DirectionCycle
 from sdn.models.configs import (
@@ -18,6 +18,7 @@ from sdn.models.configs import (
     uses_sdn_at,
 )
 from sdn.models.density import DensityVAE, plan_ladder
+from sdn.params import load_params
 from tests.params_tools import detach
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdn.config import build_model, experiment_config, load_params
+from sdn.config import build_model, experiment_config
+from sdn.params import load_params
 from sdn.training import prepare_model
 from tests.evaluation_workdir import REPO
 from tests.params_tools import detach

@@ -19,9 +19,10 @@ import pytest
 import torch
 import yaml
 
-from sdn.config import ExperimentConfig, experiment_config, load_params
+from sdn.config import ExperimentConfig, experiment_config
 from sdn.data.datamodule import ImageDataModule
 from sdn.errors import ConfigError
+from sdn.params import load_params
 from sdn.training import (
     config_fingerprint,
     fit_to_machine,

@@ -19,11 +19,12 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
 from sdn.__main__ import main as sdn_main
-from sdn.config import TrainConfig, build_model, experiment_config, load_params
+from sdn.config import TrainConfig, build_model, experiment_config
 from sdn.layers import ResSDNLayer, SDNLayer
 from sdn.models.configs import DensityConfig, DisentanglementConfig
 from sdn.models.density import DensityVAE
 from sdn.models.disentanglement import DisentanglementVAE, beta_schedule
+from sdn.params import load_params
 from sdn.probability import MaskedConv2d, bits_per_dim
 from sdn.training import StepBatchSampler, VAEModule, count_parameters, prepare_model
 from tests.params_tools import dataset_of, detach

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from sdn.config import dataset_config, load_params
 from sdn.data import download_dataset
 from sdn.errors import ChecksumError
+from sdn.params import dataset_config, load_params
 from tests.pipeline_project import REPO
 from tests.test_data_download import FileServer, serving
 

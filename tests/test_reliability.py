@@ -40,11 +40,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from sdn.config import ExperimentConfig, experiment_config, load_params
+from sdn.config import ExperimentConfig, experiment_config
 from sdn.data import convert_dataset, download_dataset, read_metadata
 from sdn.data.lmdb_store import SplitMetadata, write_split
 from sdn.errors import CheckpointError, DataError, DatasetError, NonFiniteLossError
 from sdn.evaluation.run import evaluate_experiment
+from sdn.params import load_params
 from sdn.pipeline import stage_code
 from sdn.registry import enabled_runs, write_registry
 from sdn.training import (

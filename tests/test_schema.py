@@ -7,10 +7,11 @@ import copy
 
 import pytest
 
-from sdn.config import load_params, validate_params
+from sdn.config import validate_params
 from sdn.data.sources import make_source
 from sdn.errors import ConfigError
 from sdn.models.configs import OBSERVATIONS, POSTERIORS, PRIORS
+from sdn.params import load_params
 from sdn.probability import build_observation, build_posterior, build_prior
 
 PARAMS = load_params()
