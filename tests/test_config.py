@@ -632,10 +632,17 @@ def test_every_numeric_field_has_a_range_and_it_is_enforced(section, cls):
 
 
 @pytest.mark.parametrize("name", sorted(SOURCES))
-def test_every_numeric_dataset_setting_has_a_range(name):
-    source = SOURCES[name]
-    numeric = [key for key, (hint, _) in source.schema.items() if mentions_number(hint)]
-    assert set(numeric) <= set(source.ranges), sorted(set(numeric) - set(source.ranges))
+def test_every_numeric_dataset_setting_has_a_range_and_it_is_enforced(name):
+    settings = SOURCES[name].settings
+    hints = typing.get_type_hints(settings)
+    numeric = [f for f in dataclasses.fields(settings) if mentions_number(hints[f.name])]
+    assert not [f.name for f in numeric if not has_range(f)]
+    for f in numeric:
+        cfg = dict(PARAMS["datasets"][name])
+        cfg[f.name] = -1
+        with pytest.raises(ConfigError) as info:
+            validate_datasets({"datasets": {name: cfg}})
+        assert str(info.value).startswith(f"datasets.{name}.{f.name}: "), str(info.value)
 
 
 @pytest.mark.parametrize(
