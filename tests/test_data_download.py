@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdn.data import convert_dataset
 from sdn.data.download import fetch
+from sdn.data.sources import convert_dataset
 from sdn.data.tfrecord import crc32c, mask_crc, parse_example, read_records
 from sdn.errors import ChecksumError, DatasetError, DatasetNotFoundError, DownloadError
 
@@ -222,7 +222,7 @@ def test_wrong_checksum_is_refused_and_never_converted(server: FileServer, tmp_p
     server.files["/cifar-10-python.tar.gz"] = PAYLOAD
     wrong = "0" * 32
     cfg = {"image_size": 32, "channels": 3, "url": server.url("/cifar-10-python.tar.gz"), "md5": wrong}
-    from sdn.data import download_dataset
+    from sdn.data.sources import download_dataset
 
     with pytest.raises(ChecksumError) as info:
         download_dataset("cifar10", cfg, tmp_path / "raw")

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import mutual_info_score
 
-from sdn.data import LMDBImageDataset, convert_dataset, download_dataset, inspect_dataset, make_source
+from sdn.data.lmdb_store import LMDBImageDataset, inspect_dataset
+from sdn.data.sources import convert_dataset, download_dataset, make_source
 from sdn.data.sprites import factor_values, render_sprites
 from sdn.errors import ConfigError, DatasetError
 from sdn.params import dataset_config, load_params

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sdn.data import download_dataset
+from sdn.data.sources import download_dataset
 from sdn.errors import ChecksumError
 from sdn.params import dataset_config, load_params
 from tests.pipeline_project import REPO

@@ -41,8 +41,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from sdn.config import ExperimentConfig, experiment_config
-from sdn.data import convert_dataset, download_dataset, read_metadata
-from sdn.data.lmdb_store import SplitMetadata, write_split
+from sdn.data.lmdb_store import SplitMetadata, read_metadata, write_split
+from sdn.data.sources import convert_dataset, download_dataset
 from sdn.errors import CheckpointError, DataError, DatasetError, NonFiniteLossError
 from sdn.evaluation.run import evaluate_experiment
 from sdn.params import load_params
