@@ -72,7 +72,7 @@ def stage_code(stage: str, root: Path = CHECKOUT) -> str:
     return code_fingerprint(stage_code_deps(stage, root), root)
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     """The error's message on one line. An error raised in a DataLoader worker arrives wrapped,
     with the worker's traceback in its message: keep only the original message."""
     message = str(error)
@@ -103,7 +103,7 @@ def run_stage(main: Callable[..., None], usage: str) -> None:
     try:
         main(*args)
     except (SDNError, FileNotFoundError) as err:
-        _fail(f"error: {_one_line(err)}")
+        _fail(f"error: {one_line(err)}")
     except OSError as err:
         why = write_failure(err, err.filename or ".")
         if why is None:

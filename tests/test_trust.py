@@ -398,7 +398,7 @@ def test_every_stage_has_help_and_a_usage_line(bare_project: Project) -> None:
 
 
 def test_an_error_from_a_dataloader_worker_is_reported_as_its_own_message() -> None:
-    from sdn.pipeline import _one_line
+    from sdn.pipeline import one_line
 
     class Broken(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -410,4 +410,4 @@ def test_an_error_from_a_dataloader_worker_is_reported_as_its_own_message() -> N
     with pytest.raises(DatasetError) as info:
         next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1)))
     assert "Original Traceback" in str(info.value)  # what the worker's error arrives as
-    assert _one_line(info.value) == "photos32/train record 3 fails its checksum: rebuild it"
+    assert one_line(info.value) == "photos32/train record 3 fails its checksum: rebuild it"
