@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from sdn.config import dataset_config, load_params
-from sdn.data import LMDBImageDataset, convert_dataset, download_dataset
-from sdn.data.lmdb_store import CRC_BYTES, open_environment, record_key
+from sdn.data.lmdb_store import CRC_BYTES, LMDBImageDataset, open_environment, record_key
+from sdn.data.sources import convert_dataset, download_dataset
+from sdn.params import dataset_config, load_params
 
 BATCH = 64
 

@@ -39,10 +39,12 @@ from typing import Any
 
 import torch
 
-from sdn.config import ExperimentConfig, experiment_config, load_params
+from sdn.config import ExperimentConfig, experiment_config
 from sdn.errors import SDNError
 from sdn.evaluation.device import precision_context
-from sdn.training import VAEModule, count_parameters, micro_batches_per_step
+from sdn.params import load_params
+from sdn.training.checkpoints import micro_batches_per_step
+from sdn.training.module import VAEModule, count_parameters
 
 # Published split sizes (training, validation), for datasets not converted here: CIFAR-10's
 # 50000/10000; GLOW's ImageNet 32x32 (1281149/50000) and CelebA-HQ 256 (27000/3000) TFRecords;

@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from sdn.config import experiment_config, load_params
-from sdn.training import VAEModule, count_parameters
+from sdn.config import experiment_config
+from sdn.params import load_params
+from sdn.training.module import VAEModule, count_parameters
 
 
 def one_step(module: VAEModule, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> float:

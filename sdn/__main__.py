@@ -19,9 +19,10 @@ def info(name: str) -> dict:
     gains g (one per output channel) and directions v in place of its weight."""
     import torch
 
-    from sdn.config import experiment_config, load_params
-    from sdn.models.build import build_model, prepare_model
-    from sdn.training import count_parameters
+    from sdn.config import experiment_config
+    from sdn.models import build_model, prepare_model
+    from sdn.params import load_params
+    from sdn.training.module import count_parameters
 
     cfg = experiment_config(load_params(), name)
     with torch.device("meta"):  # shapes only: instant and without memory even for 10^8 weights
@@ -40,8 +41,8 @@ def describe(model) -> dict:
     """JSON-ready structure of a model as built. A `DensityVAE`: per ladder layer (bottom to top)
     scale, SDN use, features and directions, then the last layer and the top's scale. A
     `DisentanglementVAE`: SDN use, features and directions of each decoder stage."""
+    from sdn.hyperparameters import BETA_VAE_SCALES
     from sdn.layers import SDNLayer
-    from sdn.models.configs import BETA_VAE_SCALES
     from sdn.models.density import DensityVAE
 
     if isinstance(model, DensityVAE):
@@ -75,8 +76,8 @@ def describe(model) -> dict:
 
 def pipeline_command(action: str, names: list[str]) -> int:
     """Edit or show the registry of enabled runs (dvc.yaml's generated blocks)."""
-    from sdn.config import load_params
     from sdn.errors import RegistryError
+    from sdn.params import load_params
     from sdn.registry import (
         DEFAULT_RUNS,
         check_registry,
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             write_text_atomic(with_results(readme.read_text(), summary), readme)
             return 0
         else:
-            from sdn.data import inspect_dataset
+            from sdn.data.lmdb_store import inspect_dataset
 
             result = inspect_dataset(args.dataset, args.data_root)
     except (SDNError, FileNotFoundError) as err:

@@ -1,25 +1,22 @@
-"""Loading and validating `params.yaml`: the one source of truth for every stage.
+"""The experiments of `params.yaml` and `paper.yaml` (read by `sdn.params`), validated and
+assembled: each experiment over its base, with the global trainer defaults.
 
-Every section is checked against a dataclass before any work starts: unknown (misspelt) keys,
-wrong types and impossible values stop with a `ConfigError` naming the dotted key and what was
-expected.
+Every section is checked against a dataclass before any work starts (`sdn.schema`): unknown
+(misspelt) keys, wrong types and impossible values stop with a `ConfigError` naming the dotted key
+and what was expected.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sdn.errors import ConfigError, did_you_mean
-from sdn.models.configs import (
+from sdn.hyperparameters import (
     MODEL_KINDS,
     OBSERVATIONS,
     POSTERIORS,
@@ -29,82 +26,23 @@ from sdn.models.configs import (
     ladder_scales,
     uses_sdn,
 )
+from sdn.params import NAMED_SECTIONS, PAPER_FILE, dataset_config
+from sdn.schema import (
+    AT_LEAST_1,
+    CHOICE,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Range,
+    build_section,
+    missing_key,
+    ranged,
+    reject_unknown,
+    required,
+)
 
-PARAMS_FILE = Path("params.yaml")
-# Read with params.yaml, from the same folder: the paper's runs, which no stage tracks until enabled
-# (`dvc exp show` shows the whole of params.yaml, but only the tracked keys of other files).
-PAPER_FILE = "paper.yaml"
 INITS = ("orthogonal", "default")
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true")
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path} not found: run stages from the repository root, where params.yaml is.")
-    with path.open() as handle:
-        try:
-            data = yaml.safe_load(handle)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(data).__name__}.")
-    return data
-
-
-def params_files(path: str | Path = PARAMS_FILE) -> list[Path]:
-    """params.yaml and, where it exists beside it, paper.yaml."""
-    path = Path(path)
-    paper = path.parent / PAPER_FILE
-    return [path, paper] if paper.is_file() else [path]
-
-
-def defining_files(path: str | Path = PARAMS_FILE) -> dict[str, dict[str, str]]:
-    """For each section (datasets, bases, experiments), which file (its name, as dvc.yaml names it)
-    defines each entry."""
-    found: dict[str, dict[str, str]] = {section: {} for section in NAMED_SECTIONS}
-    for file in params_files(path):
-        data = _read_yaml(file)
-        for section in NAMED_SECTIONS:
-            entries = data.get(section) or {}
-            if isinstance(entries, dict):
-                for name in entries:
-                    found[section].setdefault(name, file.name)
-    return found
-
-
-def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    """params.yaml, with paper.yaml beside it merged in, as a plain dict. A dataset, base or
-    experiment is defined in one of the two files only."""
-    files = params_files(path)
-    params = _read_yaml(files[0])
-    for extra in files[1:]:
-        data = _read_yaml(extra)
-        reject_unknown(data, NAMED_SECTIONS, extra.name, "unknown section (`trainer` is params.yaml's)")
-        for section, entries in data.items():
-            if entries is None:
-                continue
-            if not isinstance(entries, dict):
-                raise ConfigError(f"{extra.name}: {section}: expected a mapping, got {entries!r}.")
-            merged = params.setdefault(section, {}) or {}
-            if not isinstance(merged, dict):
-                raise ConfigError(f"{files[0]}: {section}: expected a mapping, got {type(merged).__name__}.")
-            twice = sorted(set(merged) & set(entries))
-            if twice:
-                raise ConfigError(f"{section}.{twice[0]}: defined in both {files[0].name} and {extra.name}; "
-                                  "keep one of them.")
-            params[section] = {**merged, **entries}
-    return params
-
-
-def dataset_config(params: dict[str, Any], name: str) -> dict[str, Any]:
-    """The `datasets.<name>` section, or an error listing the datasets that exist."""
-    datasets = params.get("datasets") or {}
-    if name not in datasets:
-        hint = did_you_mean(name, sorted(datasets))
-        raise ConfigError(f"datasets.{name}: no such dataset in params.yaml or {PAPER_FILE}.{hint}")
-    return datasets[name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,13 +54,13 @@ class TrainerConfig:
     """Lightning Trainer settings; an experiment's `trainer:` overrides these keys."""
 
     accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
+    devices: int | str = ranged(1, AT_LEAST_1)  # or a string such as "auto"
+    num_nodes: int = ranged(1, AT_LEAST_1)
     strategy: str = "auto"
-    precision: int | str = "32-true"
-    num_workers: int = 0
+    precision: int | str = ranged("32-true", CHOICE)  # one of PRECISIONS
+    num_workers: int = ranged(0, Range(0, 256))
     deterministic: bool = True
-    log_every_n_steps: int = 10
+    log_every_n_steps: int = ranged(10, AT_LEAST_1)
     progress_bar: bool = True
 
 
@@ -131,16 +69,18 @@ class TrainConfig:
     """Optimisation. The defaults are the release's density regime; its β-VAE regime is
     `weight_norm: false`, `ema_coef: null`, `lrate_decay: 1.0` (and `precision: 32-true`)."""
 
-    batch_size: int = 32
-    max_steps: int = 1000
-    lr: float = 0.002
-    lrate_decay: float = 1.0  # ExponentialLR factor per epoch; 1.0 keeps the rate constant
-    ema_coef: float | None = 0.999  # null: no EMA; validation, evaluation and sampling use the raw weights
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float | None = None
-    val_every_steps: int = 500
-    val_batches: int | None = None
-    ckpt_every_steps: int = 500
+    batch_size: int = ranged(32, AT_LEAST_1)
+    max_steps: int = ranged(1000, AT_LEAST_1)
+    lr: float = ranged(0.002, POSITIVE)
+    # ExponentialLR factor per epoch; 1.0 keeps the rate constant
+    lrate_decay: float = ranged(1.0, Range(0, 1, low_open=True))
+    # null: no EMA (the β-VAE regime); validation, evaluation and sampling then use the raw weights
+    ema_coef: float | None = ranged(0.999, Range(0, 1, high_open=True))
+    accumulate_grad_batches: int = ranged(1, AT_LEAST_1)
+    gradient_clip_val: float | None = ranged(None, POSITIVE)  # null: no clipping
+    val_every_steps: int = ranged(500, AT_LEAST_1)
+    val_batches: int | None = ranged(None, NON_NEGATIVE)  # null: the whole split; 0: no validation
+    ckpt_every_steps: int = ranged(500, AT_LEAST_1)
     # "orthogonal": the release's init (conv weights orthogonal, Linear weights N(0, 0.02), biases
     # keep PyTorch's init); "default": PyTorch's init throughout.
     init: str = "orthogonal"
@@ -149,35 +89,36 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    iw_samples: int = 1024
-    batch_size: int = 32
-    chunk_size: int = 1024
-    max_images: int | None = None
+    iw_samples: int = ranged(1024, AT_LEAST_1)
+    batch_size: int = ranged(32, AT_LEAST_1)
+    chunk_size: int = ranged(1024, AT_LEAST_1)
+    max_images: int | None = ranged(None, AT_LEAST_1)  # null: the whole split
     # Disentanglement (β-VAEs): labelled training images encoded (null: all), the metrics'
-    # repeated draws for standard errors, and their sample sizes (defaults: disentanglement_lib's).
-    disentanglement_points: int | None = None
-    disentanglement_repeats: int = 5
-    beta_vae_train: int = 10000
-    beta_vae_eval: int = 5000
-    factor_vae_train: int = 10000
-    factor_vae_eval: int = 5000
-    mig_points: int | None = 10000
-    dci_train: int = 10000
-    dci_test: int = 5000
+    # repeated draws for standard errors (a standard error needs two), and their sample sizes
+    # (defaults: disentanglement_lib's).
+    disentanglement_points: int | None = ranged(None, Range(2))
+    disentanglement_repeats: int = ranged(5, Range(2))
+    beta_vae_train: int = ranged(10000, AT_LEAST_1)
+    beta_vae_eval: int = ranged(5000, AT_LEAST_1)
+    factor_vae_train: int = ranged(10000, AT_LEAST_1)
+    factor_vae_eval: int = ranged(5000, AT_LEAST_1)
+    mig_points: int | None = ranged(10000, Range(2))  # null: every encoded image
+    dci_train: int = ranged(10000, AT_LEAST_1)
+    dci_test: int = ranged(5000, AT_LEAST_1)
 
 
 @dataclass
 class SampleConfig:
-    temperatures: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7])
-    grid: int = 8
+    temperatures: list[float] = ranged(allowed=NON_NEGATIVE, factory=lambda: [1.0, 0.9, 0.8, 0.7])
+    grid: int = ranged(8, Range(1, 64))
     # as released: with il here, the latents of ladder layers 0..il from the top are interpolated
-    interpolation_layers: list[int] = field(default_factory=lambda: [2])
-    interpolation_steps: int = 6
-    interpolation_temperature: float = 0.0
-    neighbourhood_layers: int = 2
-    neighbourhood_temperature: float = 0.7
-    nearest_samples: int = 4
-    nearest_k: int = 5
+    interpolation_layers: list[int] = ranged(allowed=NON_NEGATIVE, factory=lambda: [2])
+    interpolation_steps: int = ranged(6, AT_LEAST_1)
+    interpolation_temperature: float = ranged(0.0, NON_NEGATIVE)
+    neighbourhood_layers: int = ranged(2, NON_NEGATIVE)
+    neighbourhood_temperature: float = ranged(0.7, NON_NEGATIVE)
+    nearest_samples: int = ranged(4, AT_LEAST_1)
+    nearest_k: int = ranged(5, AT_LEAST_1)
 
 
 @dataclass
@@ -210,225 +151,13 @@ class ExperimentConfig:
     opt_in: bool = False
 
 
-# --------------------------------------------------------------------------------------------
-# The range of every numeric knob, in one table
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric knob may take: `low`/`high` bounds (None: unbounded), each closed
-    unless `*_open`. A list knob's every value must lie in it; null (where allowed) is not checked."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def __contains__(self, value: float) -> bool:
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-    def __str__(self) -> str:
-        low, high = self.low, self.high
-        if low == high and low is not None:
-            return f"{low}"
-        if high is None:
-            if low == 0:
-                return "positive" if self.low_open else "non-negative"
-            return f"greater than {low}" if self.low_open else f"at least {low}"
-        if low is not None and not (self.low_open or self.high_open):
-            return f"between {low} and {high}"
-        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
-
-    def check(self, value: Any, key: str) -> None:
-        """Raise a ConfigError naming `key` if `value` (a number, a list of them, or null) is out of range."""
-        values = value if isinstance(value, list) else [value]
-        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if all(v in self for v in numbers):
-            return
-        every = "every value " if isinstance(value, list) else ""
-        raise ConfigError(f"{key}: {every}must be {self}, got {value!r}.")
-
-
-AT_LEAST_1, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
-UNIT_OPEN = Range(0, 1, low_open=True, high_open=True)
-SEED = Range(0, 2**32 - 1)  # what numpy and Lightning's seeding accept
-# A knob that is not a number range but a choice among values (checked by `_choice`).
-CHOICE = None
-
-# The knobs both VAEs share.
-MODEL_RANGES: dict[str, Range | None] = {
-    "image_size": AT_LEAST_1,
-    "channels": AT_LEAST_1,
-    "z_size": AT_LEAST_1,
-    "sdn_max_scale": NON_NEGATIVE,
-    "sdn_min_scale": NON_NEGATIVE,
-    "sdn_nfeat_0": NON_NEGATIVE,
-    "sdn_nfeat_diff": NON_NEGATIVE,
-    "sdn_num_dirs": Range(0, 4),
-    "mix_components": AT_LEAST_1,
-    "nbits": Range(1, 8),
-}
-
-# Every numeric field of every section. Adding a numeric field to a section dataclass needs an
-# entry here: tests/test_config.py fails for a numeric field without one.
-RANGES: dict[type, dict[str, Range | None]] = {
-    TrainerConfig: {
-        "devices": AT_LEAST_1,  # or a string such as "auto"
-        "num_nodes": AT_LEAST_1,
-        "precision": CHOICE,
-        "num_workers": Range(0, 256),
-        "log_every_n_steps": AT_LEAST_1,
-    },
-    TrainConfig: {
-        "batch_size": AT_LEAST_1,
-        "max_steps": AT_LEAST_1,
-        "lr": POSITIVE,
-        "lrate_decay": Range(0, 1, low_open=True),
-        "ema_coef": Range(0, 1, high_open=True),  # null: no EMA (the β-VAE regime)
-        "accumulate_grad_batches": AT_LEAST_1,
-        "gradient_clip_val": POSITIVE,  # null: no clipping
-        "val_every_steps": AT_LEAST_1,
-        "val_batches": NON_NEGATIVE,  # null: the whole split; 0: no validation
-        "ckpt_every_steps": AT_LEAST_1,
-    },
-    EvaluateConfig: {
-        "iw_samples": AT_LEAST_1,
-        "batch_size": AT_LEAST_1,
-        "chunk_size": AT_LEAST_1,
-        "max_images": AT_LEAST_1,  # null: the whole split
-        "disentanglement_points": Range(2),  # null: every labelled image
-        "disentanglement_repeats": Range(2),  # a standard error needs two draws
-        "beta_vae_train": AT_LEAST_1,
-        "beta_vae_eval": AT_LEAST_1,
-        "factor_vae_train": AT_LEAST_1,
-        "factor_vae_eval": AT_LEAST_1,
-        "mig_points": Range(2),  # null: every encoded image
-        "dci_train": AT_LEAST_1,
-        "dci_test": AT_LEAST_1,
-    },
-    SampleConfig: {
-        "temperatures": NON_NEGATIVE,
-        "grid": Range(1, 64),
-        "interpolation_layers": NON_NEGATIVE,  # il: ladder layers 0..il from the top are interpolated
-        "interpolation_steps": AT_LEAST_1,
-        "interpolation_temperature": NON_NEGATIVE,
-        "neighbourhood_layers": NON_NEGATIVE,
-        "neighbourhood_temperature": NON_NEGATIVE,
-        "nearest_samples": AT_LEAST_1,
-        "nearest_k": AT_LEAST_1,
-    },
-    DensityConfig: {
-        **MODEL_RANGES,
-        "h_size": AT_LEAST_1,
-        "depth": AT_LEAST_1,
-        "ds_list": NON_NEGATIVE,
-        "free_bits": NON_NEGATIVE,
-    },
-    DisentanglementConfig: {
-        **MODEL_RANGES,
-        "beta_final": NON_NEGATIVE,
-        "beta_rate": Range(0, 1, low_open=True),
-    },
-}
 # The keys of params.yaml, of a base and of an experiment. A base holds what the runs extending it
 # share, the evaluation and sampling protocol included; an experiment, its own model, training
 # and trainer keys (each overriding the base's key by key) and what only it has.
 SECTIONS = ("datasets", "trainer", "bases", "experiments")
-NAMED_SECTIONS = ("datasets", "bases", "experiments")
 BASE_KEYS = ("dataset", "seed", "model", "train", "evaluate", "sample")
 EXPERIMENT_KEYS = ("extends", "baseline", "opt_in", "reported", "release", "model", "train", "trainer")
 OVERRIDDEN = ("model", "train")  # sections an experiment merges into its base's
-# The numbers of an experiment outside its sections.
-EXPERIMENT_RANGES = {"seed": SEED, "reported": NON_NEGATIVE}
-
-
-# --------------------------------------------------------------------------------------------
-# Generic checking of a mapping against a dataclass
-
-
-def type_ok(value: Any, hint: Any) -> bool:
-    """Whether `value` (as YAML gives it) is of the type `hint`: `bool` is no number, an int is a
-    float, `X | None` admits null and `list[X]` checks every item."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(type_ok(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(type_ok(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    return getattr(hint, "__name__", str(hint)) if typing.get_origin(hint) is None else str(hint)
-
-
-def reject_unknown(given: Iterable[Any], known: Sequence[str], where: str, what: str = "unknown key") -> None:
-    """Raise a ConfigError naming the first key of `given` not in `known` (`where.key`), with the
-    closest known key or the list of them."""
-    for key in given:
-        if key not in known:
-            raise ConfigError(f"{where}.{key}: {what}.{did_you_mean(key, known, 'Known keys')}")
-
-
-def missing_key(key: str, hint: Any) -> ConfigError:
-    return ConfigError(f"{key}: missing; it is required ({_describe(hint)}).")
-
-
-def check_value(value: Any, hint: Any, key: str, allowed: Range | None = None) -> None:
-    """Raise a ConfigError naming `key` unless `value` is of type `hint` and in range `allowed`."""
-    if not type_ok(value, hint):
-        raise ConfigError(f"{key}: expected {_describe(hint)}, got {type(value).__name__} {value!r}.")
-    if allowed is not None:
-        allowed.check(value, key)
-
-
-def build_section(
-    cls: type, data: Any, where: str, skip: tuple[str, ...] = (), partial: bool = False
-) -> dict[str, Any]:
-    """The values of mapping `data` for dataclass `cls`, rejecting unknown keys and wrong types.
-    `partial`: a part of the section (a base's or an experiment's), so required keys may be
-    missing; `skip`: keys set elsewhere (the dataset's image size), refused here, or `kind`."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}.")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
-    for key in data:
-        if key in skip and key != "kind":
-            raise ConfigError(f"{where}.{key}: set by the dataset, not here (datasets.<name>.{key}).")
-    reject_unknown((key for key in data if key != "kind" or "kind" not in skip), names, where)
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.name in skip or f.name not in data:
-            if (
-                not partial
-                and f.name not in skip
-                and f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING
-            ):
-                raise missing_key(f"{where}.{f.name}", hints[f.name])
-            continue
-        value = data[f.name]
-        if hints[f.name] is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        check_value(value, hints[f.name], f"{where}.{f.name}", RANGES.get(cls, {}).get(f.name))
-        values[f.name] = value
-    return values
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -440,11 +169,14 @@ def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
     _require(value in choices, key, f"unknown value {value!r}; expected one of {', '.join(choices)}.")
 
 
-def _check_density(cfg: DensityConfig, at: Callable[[str], str]) -> None:
+def check_density(cfg: DensityConfig, at: Callable[[str], str]) -> None:
+    """Raise a ConfigError unless a density model's hyper-parameters fit together: its choices
+    known, `ds_list` inside the ladder, SDN layers with features and directions, and every
+    downsampled map even. `at(key)`: the dotted key an error names."""
     _choice(cfg.post_model, POSTERIORS, at("post_model"))
     _choice(cfg.prior_model, PRIORS, at("prior_model"))
     _choice(cfg.obs_model, OBSERVATIONS, at("obs_model"))
-    # single values are in range (RANGES): what is left are checks across keys
+    # single values are in range (each field's metadata): what is left are checks across keys
     bad = [i for i in cfg.ds_list if not 0 <= i < cfg.depth]
     _require(not bad, at("ds_list"), f"layer indices {bad} lie outside 0..depth-1 (depth={cfg.depth}).")
     _require(len(set(cfg.ds_list)) == len(cfg.ds_list), at("ds_list"), "contains repeated layers.")
@@ -461,6 +193,7 @@ def _check_density(cfg: DensityConfig, at: Callable[[str], str]) -> None:
         )
 
 
+
 def _check_disentanglement(cfg: DisentanglementConfig, at: Callable[[str], str]) -> None:
     _choice(cfg.obs_model, OBSERVATIONS, at("obs_model"))
     _require(cfg.image_size == 64, at("image_size"), "the β-VAE is built for 64x64 images.")
@@ -470,7 +203,8 @@ def _check_disentanglement(cfg: DisentanglementConfig, at: Callable[[str], str])
 
 
 def _check_disentanglement_sizes(ev: EvaluateConfig, where: str) -> None:
-    # single values are in range (RANGES): what is left is whether the samples fit the encoded pool
+    # single values are in range (each field's metadata): what is left is whether the samples fit
+    # the encoded pool
     pool = ev.disentanglement_points
     if pool is not None:
         _require(
@@ -516,7 +250,7 @@ def _model_section(
     model = model_cls(image_size=image_size, channels=channels, **values)
     at = _setter(base, run, where)
     if kind == "density":
-        _check_density(model, at)
+        check_density(model, at)
     else:
         _check_disentanglement(model, at)
     return kind, model
@@ -535,8 +269,8 @@ def _merged_section(
     under its own dotted key (`where`: the base's and the experiment's section)."""
     values = build_section(cls, base, where[0], skip=skip, partial=True)
     values.update(build_section(cls, run, where[1], skip=skip, partial=True))
-    missing = [f for f in dataclasses.fields(cls) if f.name not in skip and f.name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [f for f in dataclasses.fields(cls)
+               if f.name not in skip and f.name not in values and required(f)]
     if missing:
         raise missing_key(f"{where[0]}.{missing[0].name}", typing.get_type_hints(cls)[missing[0].name])
     return values
@@ -571,7 +305,7 @@ def _reported_section(raw: Any, where: str) -> dict[str, float]:
             f"{where}.{metric}",
             f"expected a number, got {value!r}.",
         )
-        EXPERIMENT_RANGES["reported"].check(value, f"{where}.{metric}")
+        NON_NEGATIVE.check(value, f"{where}.{metric}")
     return reported
 
 
@@ -607,7 +341,7 @@ def experiment_config(params: dict[str, Any], name: str) -> ExperimentConfig:
     _require(isinstance(dataset, str), f"{at}.dataset", "expected a dataset name.")
     seed = base["seed"]
     _require(isinstance(seed, int) and not isinstance(seed, bool), f"{at}.seed", "expected an integer.")
-    EXPERIMENT_RANGES["seed"].check(base["seed"], f"{at}.seed")
+    SEED.check(base["seed"], f"{at}.seed")
     image_size, channels, flip = _dataset_shape(params, dataset, where)
     sections = {key: (f"{at}.{key}", f"{where}.{key}") for key in OVERRIDDEN}
 
@@ -688,5 +422,3 @@ def validate_params(params: dict[str, Any]) -> list[ExperimentConfig]:
         _require(name in extended, f"bases.{name}", "no experiment extends it: remove it, or add one.")
     return experiments
 
-
-check_density = _check_density  # public: the release import checks its hyper-parameters with it

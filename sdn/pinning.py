@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from sdn.atomic import write_text_atomic
-from sdn.config import PARAMS_FILE, defining_files, load_params
 from sdn.data.download import file_digest, file_name
 from sdn.errors import ConfigError, did_you_mean
+from sdn.params import PARAMS_FILE, defining_files, load_params
 from sdn.pipeline import DATA
 
 

@@ -124,7 +124,7 @@ def generated_blocks(
     params: dict, runs: dict[str, str], files: dict[str, dict[str, str]]
 ) -> dict[str, list[str]]:
     """The lines (unindented) of each generated block of dvc.yaml for the enabled `runs`; `files`
-    names the file that defines each dataset and experiment (`sdn.config.defining_files`)."""
+    names the file that defines each dataset and experiment (`sdn.params.defining_files`)."""
     imported = imported_runs(params)
 
     def run_item(name: str) -> dict[str, str]:
@@ -177,7 +177,7 @@ def with_blocks(text: str, blocks: dict[str, list[str]], path: Path = DVC_YAML) 
 
 
 def _defining_files(root: Path) -> dict[str, dict[str, str]]:
-    from sdn.config import defining_files
+    from sdn.params import defining_files
 
     return defining_files(root / PARAMS)
 

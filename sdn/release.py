@@ -39,11 +39,12 @@ import torch
 from torch import Tensor
 
 from sdn.atomic import atomic_write
-from sdn.config import ExperimentConfig, TrainConfig, build_section, check_density
+from sdn.config import ExperimentConfig, TrainConfig, check_density
 from sdn.errors import ConfigError, ReleaseCheckpointError, did_you_mean
-from sdn.models.build import prepare_model
-from sdn.models.configs import DensityConfig
+from sdn.hyperparameters import DensityConfig
+from sdn.models import prepare_model
 from sdn.models.density import DensityVAE
+from sdn.schema import build_section
 
 # The release's `get_dataset_specifications`: (image_size, channels) of each density dataset.
 RELEASE_DATASETS = {"CIFAR10": (32, 3), "ImageNet32": (32, 3), "CelebAHQ256": (256, 3)}
@@ -359,7 +360,7 @@ def import_release(cfg: ExperimentConfig, raw_root: Path, ckpt_dir: Path) -> Pat
     `ckpt_dir/last.ckpt` in the form the evaluate and sample stages load (weights only)."""
     from sdn.data.download import fetch
     from sdn.errors import DownloadError
-    from sdn.training import LAST_CHECKPOINT, config_fingerprint
+    from sdn.training.checkpoints import LAST_CHECKPOINT, config_fingerprint
 
     source = release_source(cfg, raw_root)
     release = cfg.release

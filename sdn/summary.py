@@ -11,7 +11,7 @@ import pandas as pd
 from sdn.atomic import write_text_atomic
 from sdn.config import ExperimentConfig
 from sdn.errors import ReadmeError
-from sdn.models.configs import uses_sdn
+from sdn.hyperparameters import uses_sdn
 
 COLUMNS = [
     "parameters",

@@ -7,7 +7,7 @@ Writes metrics/comparison.png, the picture the README shows.
 
 import repo_root  # noqa: F401  (first: this checkout's sdn)
 
-from sdn.config import load_params
+from sdn.params import load_params
 from sdn.pipeline import METRICS, run_stage
 from sdn.plots import draw_comparison
 from sdn.registry import enabled_runs

@@ -8,8 +8,9 @@ import json
 
 import repo_root  # noqa: F401  (first: this checkout's sdn)
 
-from sdn.config import dataset_config, load_params
-from sdn.data import convert_dataset, inspect_dataset
+from sdn.data.lmdb_store import inspect_dataset
+from sdn.data.sources import convert_dataset
+from sdn.params import dataset_config, load_params
 from sdn.pipeline import DATA, lmdb_dir, raw_dir, run_stage
 
 

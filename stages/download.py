@@ -6,8 +6,8 @@ Writes data/raw/<dataset>/: a verified archive for cifar10, imagenet32, celebahq
 
 import repo_root  # noqa: F401  (first: this checkout's sdn)
 
-from sdn.config import dataset_config, load_params
-from sdn.data import download_dataset
+from sdn.data.sources import download_dataset
+from sdn.params import dataset_config, load_params
 from sdn.pipeline import raw_dir, run_stage
 
 

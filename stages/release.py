@@ -6,7 +6,8 @@ writes data/checkpoints/<experiment>/last.ckpt, which the evaluate and sample st
 
 import repo_root  # noqa: F401  (first: this checkout's sdn)
 
-from sdn.config import experiment_config, load_params, validate_params
+from sdn.config import experiment_config, validate_params
+from sdn.params import load_params
 from sdn.pipeline import DATA, checkpoint_dir, run_stage
 from sdn.release import import_release
 

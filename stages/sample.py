@@ -5,8 +5,9 @@ Writes metrics/<experiment>/samples/*.png (sample grids and the model's other pi
 
 import repo_root  # noqa: F401  (first: this checkout's sdn)
 
-from sdn.config import experiment_config, load_params, validate_params
+from sdn.config import experiment_config, validate_params
 from sdn.evaluation.run import sample_experiment
+from sdn.params import load_params
 from sdn.pipeline import checkpoint_dir, lmdb_dir, metrics_dir, run_stage
 
 

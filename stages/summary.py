@@ -5,7 +5,8 @@ from pathlib import Path
 
 import repo_root  # noqa: F401  (first: this checkout's sdn)
 
-from sdn.config import load_params, validate_params
+from sdn.config import validate_params
+from sdn.params import load_params
 from sdn.pipeline import run_stage
 from sdn.registry import enabled_runs
 from sdn.summary import summary_table, write_summary

@@ -8,10 +8,11 @@ Writes data/checkpoints/<experiment>/last.ckpt and metrics/<experiment>/{train,v
 
 import repo_root  # noqa: F401  (first: this checkout's sdn)
 
-from sdn.config import experiment_config, load_params, validate_params
+from sdn.config import experiment_config, validate_params
 from sdn.errors import ConfigError
+from sdn.params import load_params
 from sdn.pipeline import checkpoint_dir, lmdb_dir, metrics_dir, run_stage, stage_code
-from sdn.training import train_experiment
+from sdn.training.run import train_experiment
 
 
 def main(name: str) -> None:

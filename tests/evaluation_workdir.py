@@ -10,9 +10,11 @@ import numpy as np
 import torch
 import yaml
 
-from sdn.config import ExperimentConfig, experiment_config, load_params
+from sdn.config import ExperimentConfig, experiment_config
 from sdn.data.lmdb_store import SplitMetadata, write_split
-from sdn.training import LAST_CHECKPOINT, VAEModule, config_fingerprint
+from sdn.params import load_params
+from sdn.training.checkpoints import LAST_CHECKPOINT, config_fingerprint
+from sdn.training.module import VAEModule
 from tests.params_tools import detach, section_of, write_params_files
 from tests.pipeline_project import micro_params
 

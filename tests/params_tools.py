@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from sdn.config import OVERRIDDEN, PAPER_FILE, defining_files
+from sdn.config import OVERRIDDEN
+from sdn.params import PAPER_FILE, defining_files
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,16 +21,15 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
-from sdn.config import ExperimentConfig, experiment_config, load_params
-from sdn.data import convert_dataset, download_dataset
+from sdn.config import ExperimentConfig, experiment_config
 from sdn.data.lmdb_store import SplitMetadata, write_split
+from sdn.data.sources import convert_dataset, download_dataset
 from sdn.evaluation.run import evaluate_experiment
+from sdn.params import load_params
 from sdn.pipeline import stage_code
 from sdn.registry import enabled_runs, write_registry
-from sdn.training import (
-    LAST_CHECKPOINT,
-    train_experiment,
-)
+from sdn.training.checkpoints import LAST_CHECKPOINT
+from sdn.training.run import train_experiment
 from tests.params_tools import detach, section_of, write_params_files
 from tests.pipeline_project import Project, micro_params
 

@@ -13,7 +13,7 @@ import pytest
 from matplotlib.container import ErrorbarContainer
 from PIL import Image, ImageChops
 
-from sdn.config import load_params
+from sdn.params import load_params
 from sdn.plots import RUN_COLOURS, comparison_figure, draw_comparison, picture_size
 from sdn.registry import check_registry
 from tests.import_closure import import_closure

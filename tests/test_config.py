@@ -14,19 +14,18 @@ import yaml
 from sdn.__main__ import describe
 from sdn.config import (
     OVERRIDDEN,
-    RANGES,
     ExperimentConfig,
-    build_section,
-    dataset_config,
     experiment_config,
-    load_params,
     validate_params,
 )
 from sdn.data.sources import SOURCES, validate_datasets
 from sdn.errors import ConfigError
-from sdn.models.build import build_model
-from sdn.models.configs import DensityConfig, DisentanglementConfig
-from sdn.training import VAEModule, config_fingerprint
+from sdn.hyperparameters import DensityConfig, DisentanglementConfig
+from sdn.models import build_model
+from sdn.params import dataset_config, load_params
+from sdn.schema import Range, build_section, has_range, mentions_number, ranged
+from sdn.training.checkpoints import config_fingerprint
+from sdn.training.module import VAEModule
 from tests.params_tools import BASE_ONLY
 
 PARAMS = load_params()
@@ -466,6 +465,19 @@ def test_missing_required_field_of_a_section():
     assert build_section(Section, {"size": 3}, "demo") == {"size": 3}
 
 
+def test_a_field_range_in_its_metadata_is_enforced_naming_the_key():
+    @dataclass
+    class Section:
+        size: int = ranged(4, Range(1, 8))
+        scales: list[float] = ranged(allowed=Range(0), factory=lambda: [1.0])
+
+    assert build_section(Section, {"size": 8, "scales": [0, 2.5]}, "demo") == {"size": 8, "scales": [0, 2.5]}
+    with pytest.raises(ConfigError, match=r"^demo\.size: must be between 1 and 8, got 9\.$"):
+        build_section(Section, {"size": 9}, "demo")
+    with pytest.raises(ConfigError, match=r"^demo\.scales: every value must be non-negative"):
+        build_section(Section, {"scales": [1.0, -1.0]}, "demo")
+
+
 @pytest.mark.parametrize(
     ("name", "expected"), [("photos32-sdm", "Did you mean 'photos32-sdn'?"), ("nothing-like-it", "Known:")]
 )
@@ -591,12 +603,6 @@ def test_every_numeric_knob_in_params_refuses_a_negative_value(path):
     assert message.startswith(f"{'.'.join(path)}: ") and "\n" not in message, message
 
 
-def _mentions_number(hint) -> bool:
-    if hint in (int, float):
-        return True
-    return any(_mentions_number(arg) for arg in typing.get_args(hint))
-
-
 def _sections() -> list[tuple[str, type]]:
     """(params key, dataclass) of each section of an experiment, found from ExperimentConfig."""
     found = []
@@ -610,28 +616,35 @@ def _sections() -> list[tuple[str, type]]:
 @pytest.mark.parametrize(("section", "cls"), _sections(), ids=lambda x: getattr(x, "__name__", x))
 def test_every_numeric_field_has_a_range_and_it_is_enforced(section, cls):
     hints = typing.get_type_hints(cls)
-    numeric = [f.name for f in dataclasses.fields(cls) if _mentions_number(hints[f.name])]
-    missing = [name for name in numeric if name not in RANGES.get(cls, {})]
-    assert not missing, f"{cls.__name__} fields without an entry in sdn.config.RANGES: {missing}"
+    numeric = [f for f in dataclasses.fields(cls) if mentions_number(hints[f.name])]
+    missing = [f.name for f in numeric if not has_range(f)]
+    assert not missing, f"{cls.__name__} fields without a range in their metadata (`ranged`): {missing}"
     experiment = BETA_VAE if cls is DisentanglementConfig else DENSITY
-    for name in numeric:
-        allowed = RANGES[cls][name]
-        if allowed is None or name in ("image_size", "channels"):  # a choice; set by the dataset
+    for f in numeric:
+        # a choice (checked by the section's code); set by the dataset
+        if f.metadata["range"] is None or f.name in ("image_size", "channels"):
             continue
         params = json.loads(json.dumps(PARAMS))
         path = experiment_path(experiment, section)
         own = params[path[0]][path[1]].setdefault(section, {})
-        own[name] = [-1] if typing.get_origin(hints[name]) is list else -1
+        own[f.name] = [-1] if typing.get_origin(hints[f.name]) is list else -1
         message = _refused(params)
-        key = f"{'.'.join(path)}.{name}"
+        key = f"{'.'.join(path)}.{f.name}"
         assert message.startswith(f"{key}: ") and "must be" in message, message
 
 
 @pytest.mark.parametrize("name", sorted(SOURCES))
-def test_every_numeric_dataset_setting_has_a_range(name):
-    source = SOURCES[name]
-    numeric = [key for key, (hint, _) in source.schema.items() if _mentions_number(hint)]
-    assert set(numeric) <= set(source.ranges), sorted(set(numeric) - set(source.ranges))
+def test_every_numeric_dataset_setting_has_a_range_and_it_is_enforced(name):
+    settings = SOURCES[name].settings
+    hints = typing.get_type_hints(settings)
+    numeric = [f for f in dataclasses.fields(settings) if mentions_number(hints[f.name])]
+    assert not [f.name for f in numeric if not has_range(f)]
+    for f in numeric:
+        cfg = dict(PARAMS["datasets"][name])
+        cfg[f.name] = -1
+        with pytest.raises(ConfigError) as info:
+            validate_datasets({"datasets": {name: cfg}})
+        assert str(info.value).startswith(f"datasets.{name}.{f.name}: "), str(info.value)
 
 
 @pytest.mark.parametrize(

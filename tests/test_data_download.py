@@ -1,96 +1,33 @@
 """Downloads against a loopback HTTP server: verify, resume, refuse bad files, explain no network.
 
-Also home of the TFRecord reader's CRC and protobuf tests, and of the helpers
-(`FileServer`, `tfrecord_file`, `encode_example`) that the other data tests share.
+Also home of the TFRecord reader's CRC and protobuf tests. The loopback server is
+tests/network_tools.py's, the TFRecord files tests/dataset_files.py's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import struct
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sdn.data import convert_dataset
 from sdn.data.download import fetch
+from sdn.data.sources import convert_dataset
 from sdn.data.tfrecord import crc32c, mask_crc, parse_example, read_records
 from sdn.errors import ChecksumError, DatasetError, DatasetNotFoundError, DownloadError
-from tests.network_tools import closed_port_url
+from tests.dataset_files import encode_example, protobuf_field, tfrecord_file, varint
+from tests.network_tools import FileServer, closed_port_url, serving
 
 # --- a loopback file server ----------------------------------------------------------------------
 
 
-class FileServer(ThreadingHTTPServer):
-    """Serves `files` (path -> bytes) on 127.0.0.1 with HTTP Range support.
-
-    `cuts` lists, for the next responses, how many body bytes to send before hanging up;
-    `ranges=False` makes it ignore Range headers; `requests` records (path, Range header).
-    """
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.files: dict[str, bytes] = {}
-        self.cuts: list[int] = []
-        self.ranges = True
-        self.requests: list[tuple[str, str | None]] = []
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: FileServer
-
-    def do_GET(self) -> None:
-        server = self.server
-        requested = self.headers.get("Range")
-        server.requests.append((self.path, requested))
-        body = server.files.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        start = 0
-        if requested and server.ranges:
-            start = int(re.fullmatch(r"bytes=(\d+)-", requested).group(1))
-            if start >= len(body):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
-        self.end_headers()
-        payload = body[start:]
-        if server.cuts:
-            payload = payload[: server.cuts.pop(0)]
-            self.close_connection = True
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
-@contextmanager
-def serving() -> Iterator[FileServer]:
-    """A running `FileServer`, shut down on exit."""
-    httpd = FileServer()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield httpd
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 @pytest.fixture
@@ -102,43 +39,12 @@ def server() -> Iterator[FileServer]:
 # --- TFRecord writing helpers (the format GLOW's tars hold) --------------------------------------
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-    key = _varint(number << 3 | wire)
-    return key + (_varint(len(payload)) + payload if wire == 2 else payload)
 
 
-def encode_example(features: dict[str, list]) -> bytes:
-    """A serialised tf.train.Example: lists of bytes, floats or ints (ints packed)."""
-    entries = b""
-    for key, values in features.items():
-        if isinstance(values[0], bytes):
-            feature = _field(1, 2, b"".join(_field(1, 2, v) for v in values))
-        elif isinstance(values[0], float):
-            feature = _field(2, 2, _field(1, 2, struct.pack(f"<{len(values)}f", *values)))
-        else:
-            packed = b"".join(_varint(v & (2**64 - 1)) for v in values)
-            feature = _field(3, 2, _field(1, 2, packed))
-        entries += _field(1, 2, _field(1, 2, key.encode()) + _field(2, 2, feature))
-    return _field(1, 2, entries)
 
 
-def tfrecord_file(records: list[bytes]) -> bytes:
-    """Records framed as in a .tfrecords file, with their masked CRCs."""
-    out = b""
-    for record in records:
-        length = struct.pack("<Q", len(record))
-        out += length + struct.pack("<I", mask_crc(crc32c(length)))
-        out += record + struct.pack("<I", mask_crc(crc32c(record)))
-    return out
 
 
 # --- downloads -----------------------------------------------------------------------------------
@@ -214,7 +120,7 @@ def test_wrong_checksum_is_refused_and_never_converted(server: FileServer, tmp_p
     server.files["/cifar-10-python.tar.gz"] = PAYLOAD
     wrong = "0" * 32
     cfg = {"image_size": 32, "channels": 3, "url": server.url("/cifar-10-python.tar.gz"), "md5": wrong}
-    from sdn.data import download_dataset
+    from sdn.data.sources import download_dataset
 
     with pytest.raises(ChecksumError) as info:
         download_dataset("cifar10", cfg, tmp_path / "raw")
@@ -317,8 +223,8 @@ def test_parse_example_packed_unpacked_and_negative() -> None:
         "neg": [-3],
     }
     # int64_list written unpacked (one varint field per value) parses the same
-    unpacked = _field(3, 2, _field(1, 0, _varint(7)) + _field(1, 0, _varint(9)))
-    entry = _field(1, 2, _field(1, 2, b"label") + _field(2, 2, unpacked))
-    assert parse_example(_field(1, 2, entry)) == {"label": [7, 9]}
+    unpacked = protobuf_field(3, 2, protobuf_field(1, 0, varint(7)) + protobuf_field(1, 0, varint(9)))
+    entry = protobuf_field(1, 2, protobuf_field(1, 2, b"label") + protobuf_field(2, 2, unpacked))
+    assert parse_example(protobuf_field(1, 2, entry)) == {"label": [7, 9]}
     with pytest.raises(DatasetError, match="malformed"):
         parse_example(b"\x0a\xff")

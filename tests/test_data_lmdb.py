@@ -17,16 +17,17 @@ import pytest
 import torch
 import yaml
 
-from sdn.data import (
-    ImageDataModule,
+from sdn.data.datamodule import ImageDataModule
+from sdn.data.lmdb_store import (
+    META_KEY,
     LMDBImageDataset,
     SplitMetadata,
-    convert_dataset,
-    download_dataset,
     inspect_dataset,
     read_metadata,
+    record_key,
+    write_split,
 )
-from sdn.data.lmdb_store import META_KEY, record_key, write_split
+from sdn.data.sources import convert_dataset, download_dataset
 from sdn.errors import DatasetError, DatasetNotFoundError
 
 REPO = Path(__file__).resolve().parents[1]

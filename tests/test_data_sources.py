@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
-import io
 import math
-import pickle
-import struct
-import tarfile
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -18,11 +14,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import mutual_info_score
 
-from sdn.config import dataset_config, load_params
-from sdn.data import LMDBImageDataset, convert_dataset, download_dataset, inspect_dataset, make_source
+from sdn.data.lmdb_store import LMDBImageDataset, inspect_dataset
+from sdn.data.sources import convert_dataset, download_dataset, make_source
 from sdn.data.sprites import factor_values, render_sprites
 from sdn.errors import ConfigError, DatasetError
-from tests.test_data_download import FileServer, encode_example, serving, tfrecord_file
+from sdn.params import dataset_config, load_params
+from tests.dataset_files import cifar_archive, encode_example, tar_archive, tfrecord_file
+from tests.network_tools import FileServer, serving
 
 PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
 
@@ -39,57 +37,12 @@ def _read_all(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([x.numpy() for x, _ in items]), np.stack([y.numpy() for _, y in items])
 
 
-def _tar(members: dict[str, bytes], mode: str = "w") -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=mode) as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
-class _Python2Pickler(pickle._Pickler):
-    """Writes pickles as CIFAR-10's were written (Python 2, protocol 2): byte strings as
-    BINSTRING, numpy's array rebuilder under its numpy 1 name `numpy.core.multiarray`."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_bytes(self, obj: bytes) -> None:
-        if len(obj) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_bytes
-
-    def save_global(self, obj, name=None) -> None:
-        if obj is np.ndarray.__reduce__(np.zeros(0))[0]:
-            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
-            self.memoize(obj)
-        else:
-            super().save_global(obj, name)
-
-    dispatch[type(len)] = save_global
 
 
-def python2_pickle(obj) -> bytes:
-    buffer = io.BytesIO()
-    _Python2Pickler(buffer, protocol=2).dump(obj)
-    return buffer.getvalue()
 
 
-def cifar_archive(batches: dict[str, tuple[np.ndarray, list[int]]], classes: list[bytes]) -> bytes:
-    """A cifar-10-python.tar.gz of the given batches, pickled as the published one is."""
-    members = {
-        f"cifar-10-batches-py/{n}": python2_pickle({b"batch_label": n.encode(), b"data": d, b"labels": y})
-        for n, (d, y) in batches.items()
-    }
-    members["cifar-10-batches-py/batches.meta"] = python2_pickle(
-        {b"label_names": classes, b"num_cases_per_batch": 10000, b"num_vis": 3072}
-    )
-    return _tar(members, "w:gz")
 
 
 def _roundtrip(name: str, cfg: dict, tmp_path: Path) -> Path:
@@ -158,7 +111,7 @@ def test_glow_tfrecord_tar_reads_back_exactly(server: FileServer, tmp_path: Path
     members[f"{root}/train/train-r06-s-0000-of-0001.tfrecords"] = _glow_shard(
         rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
     )
-    archive = _tar(dict(reversed(members.items())))  # tar order must not matter
+    archive = tar_archive(dict(reversed(members.items())))  # tar order must not matter
     server.files["/glow/imagenet-oord-tfr.tar"] = archive
     cfg = {
         "image_size": 32,
@@ -179,7 +132,7 @@ def test_glow_tfrecord_tar_reads_back_exactly(server: FileServer, tmp_path: Path
 
     # a missing shard is reported, not silently skipped
     del members[f"{root}/validation/validation-r05-s-0000-of-0001.tfrecords"]
-    incomplete = _tar(members)
+    incomplete = tar_archive(members)
     (tmp_path / "raw" / "imagenet32" / "imagenet-oord-tfr.tar").write_bytes(incomplete)
     with pytest.raises(DatasetError, match="complete validation split at resolution 32"):
         cfg["sha256"] = hashlib.sha256(incomplete).hexdigest()
@@ -190,7 +143,7 @@ def test_glow_record_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
     shard = _glow_shard(np.zeros((1, 8, 8, 3), dtype=np.uint8))
     raw = tmp_path / "raw" / "celebahq256"
     raw.mkdir(parents=True)
-    archive = _tar(
+    archive = tar_archive(
         {
             "celeba-tfr/train/train-r08-s-0000-of-0001.tfrecords": shard,
             "celeba-tfr/validation/validation-r08-s-0000-of-0001.tfrecords": shard,

@@ -131,7 +131,7 @@ def test_every_stage_name_exists():
 
 def section_fields() -> dict[str, set[str]]:
     from sdn import config
-    from sdn.models.configs import DensityConfig, DisentanglementConfig
+    from sdn.hyperparameters import DensityConfig, DisentanglementConfig
 
     def names(*classes: type) -> set[str]:
         return {f.name for cls in classes for f in dataclasses.fields(cls)}
@@ -243,3 +243,80 @@ def test_nothing_cites_a_file_outside_the_project():
     found = [str(path.relative_to(REPO)) for path in CITING + PAGES if outside in path.read_text()]
     assert not found, f"{found} cite a specification that is not part of the project: cite docs/ instead"
 
+
+
+def defined_names(path: Path) -> dict[str, set[str]]:
+    """The names a module defines at its top level (functions, classes, assignments), each mapped
+    to the names its class body defines (empty for anything else). Imported names do not count."""
+    import ast
+
+    defined: dict[str, set[str]] = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            defined[node.name] = set()
+        elif isinstance(node, ast.ClassDef):
+            members = set()
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    members.add(item.name)
+                elif isinstance(item, (ast.Assign, ast.AnnAssign)):
+                    targets = item.targets if isinstance(item, ast.Assign) else [item.target]
+                    members |= {t.id for t in targets if isinstance(t, ast.Name)}
+            defined[node.name] = members
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        defined[name.id] = set()
+    return defined
+
+
+FILE_SUFFIX = r"\.(py|yaml|json|csv|md|png|ckpt)$"
+PARAMS_SECTIONS = ("trainer", "train", "evaluate", "sample", "model", "release")
+
+
+def module_map() -> list[tuple[str, str]]:
+    """(module file, Python name) for each name a row of docs/modules.md's map places in its
+    module: the backticked identifiers (`name`, `Class`, `Class.method`, `name(args)`) of the row
+    of `sdn/...py`. Backticked text that is no identifier (paths, commands, `.part`) is skipped,
+    and so are the lowercase names without an underscore (`inspect`, a command) and the names
+    the row itself marks as keys of a file (`trainer.devices`, eval.json's figures)."""
+    text = (DOCS / "modules.md").read_text()
+    table = text[text.index('<a id="map">'):text.index('<a id="where-to-change">')]
+    placed = []
+    for module, row in re.findall(r"^\| `(sdn/[\w/]+\.py)` \| (.*) \|$", table, flags=re.M):
+        for code in re.findall(r"`([^`]+)`", row):
+            name = re.sub(r"\(.*\)$", "", code)
+            if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)?", name) or re.search(FILE_SUFFIX, name):
+                continue
+            first = name.split(".")[0]
+            if first in (*PARAMS_SECTIONS, "sdn") or first.startswith("nyquist_share_"):
+                continue  # a params key, a dotted path into the package, eval.json's figures
+            if first.islower() and "_" not in first and "." not in name:
+                continue  # a word or a command (`inspect`, `readme`), no name of the module
+            placed.append((module, name))
+    return placed
+
+
+def test_module_map_parsing_finds_names_in_their_rows():
+    placed = module_map()
+    assert ("sdn/schema.py", "build_section") in placed
+    assert ("sdn/data/sources.py", "convert_dataset") in placed
+    assert ("sdn/training/module.py", "VAEModule") in placed
+    assert len(placed) >= 40
+
+
+def test_every_name_the_module_map_places_is_defined_in_that_module():
+    bad = []
+    for module, name in module_map():
+        if module.endswith("__init__.py"):  # a package's row names what it re-exports
+            package = importlib.import_module(module.removesuffix("/__init__.py").replace("/", "."))
+            if not hasattr(package, name):
+                bad.append(f"{module}: {name}")
+            continue
+        defined = defined_names(REPO / module)
+        first, _, member = name.partition(".")
+        if first not in defined or (member and member not in defined[first]):
+            bad.append(f"{module}: {name}")
+    assert not bad, f"docs/modules.md places names in modules that do not define them: {bad}"

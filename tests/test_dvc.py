@@ -18,8 +18,9 @@ import pytest
 import pytorch_lightning as pl
 import yaml
 
-from sdn.config import experiment_config, load_params
+from sdn.config import experiment_config
 from sdn.errors import ConfigError, RegistryError
+from sdn.params import load_params
 from sdn.registry import (
     DEFAULT_RUNS,
     check_registry,
@@ -75,6 +76,10 @@ def test_data_stages_depend_on_neither_models_nor_layers() -> None:
         closure = {str(m) for m in import_closure(REPO / "stages" / f"{stage}.py", REPO)}
         heavy = {"sdn/layers.py", "sdn/sweep.py", "sdn/training/module.py", "sdn/models/density.py"}
         assert not closure & heavy, stage
+    for stage in ("download", "convert"):  # the data stages read params.yaml, and no model's settings
+        closure = {str(m) for m in import_closure(REPO / "stages" / f"{stage}.py", REPO)}
+        assert "sdn/params.py" in closure and "sdn/config.py" not in closure, stage
+        assert not [m for m in closure if m.startswith("sdn/models/")], stage
     train = {str(m) for m in import_closure(REPO / "stages" / "train.py", REPO)}
     assert {"sdn/__init__.py", "sdn/layers.py", "sdn/sweep.py", "sdn/data/lmdb_store.py"} <= train
     assert "sdn/data/sources.py" not in train  # training reads LMDB only
@@ -105,8 +110,7 @@ def test_import_closure_follows_function_level_and_lazy_imports(tmp_path: Path) 
 
 
 def test_lazy_attributes_still_import() -> None:
-    code = ("from sdn import SDNLayer; from sdn.models.build import build_model; "
-            "from sdn.data import convert_dataset, ImageDataModule; print('ok')")
+    code = "from sdn import SDNLayer; from sdn.models import build_model; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr
 

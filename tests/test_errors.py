@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import sdn.errors
-from sdn.data import ImageDataModule, LMDBImageDataset, open_split, read_metadata
+from sdn.data.datamodule import ImageDataModule
+from sdn.data.lmdb_store import LMDBImageDataset, open_split, read_metadata
 from sdn.errors import (
     CheckpointError,
     ConfigError,

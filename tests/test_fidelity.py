@@ -21,15 +21,17 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
-from sdn.config import experiment_config, load_params
+from sdn.config import experiment_config
+from sdn.data.datamodule import StepBatchSampler
 from sdn.evaluation.samples import interpolate_density
-from sdn.models.build import build_model, prepare_model
-from sdn.models.configs import DensityConfig
+from sdn.hyperparameters import DensityConfig
+from sdn.models import build_model, prepare_model
 from sdn.models.density import DensityVAE
 from sdn.models.disentanglement import DisentanglementVAE
 from sdn.models.latents import MaskedConv2d
 from sdn.models.observations import DiscretizedLogistic, DiscretizedMixLogistic
-from sdn.training import StepBatchSampler, VAEModule, count_parameters, load_ema_model
+from sdn.params import load_params
+from sdn.training.module import VAEModule, count_parameters, load_ema_model
 from tests.params_tools import detach
 
 PARAMS = load_params()

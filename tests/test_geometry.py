@@ -1,14 +1,13 @@
-"""The ladder's geometry and which layers are SDN layers, asked of one place (sdn.models.configs)
+"""The ladder's geometry and which layers are SDN layers, asked of one place (sdn.hyperparameters)
 by the model, the config checks and the summary."""
 
 from __future__ import annotations
 
 import pytest
 
-from sdn.config import experiment_config, load_params
+from sdn.config import experiment_config
 from sdn.errors import ConfigError
-from sdn.layers import DirectionCycle
-from sdn.models.configs import (
+from sdn.hyperparameters import (
     DensityConfig,
     DisentanglementConfig,
     conv_geometry,
@@ -17,7 +16,9 @@ from sdn.models.configs import (
     uses_sdn,
     uses_sdn_at,
 )
+from sdn.layers import DirectionCycle
 from sdn.models.density import DensityVAE, plan_ladder
+from sdn.params import load_params
 from tests.params_tools import detach
 
 

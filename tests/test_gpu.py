@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 
 from sdn.evaluation.run import evaluate_experiment, sample_experiment
-from sdn.training import train_experiment
+from sdn.training.run import train_experiment
 from tests.evaluation_workdir import EvaluationWorkdir, micro_experiment
 from tests.pipeline_project import Project
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from sdn.config import experiment_config, load_params
-from sdn.models.build import build_model, prepare_model
+from sdn.config import experiment_config
+from sdn.models import build_model, prepare_model
+from sdn.params import load_params
 from tests.evaluation_workdir import REPO
 from tests.params_tools import detach
 

@@ -19,17 +19,14 @@ import pytest
 import torch
 import yaml
 
-from sdn.config import ExperimentConfig, experiment_config, load_params
+from sdn.config import ExperimentConfig, experiment_config
 from sdn.data.datamodule import ImageDataModule
 from sdn.errors import ConfigError
-from sdn.training import (
-    config_fingerprint,
-    fit_to_machine,
-    load_checkpoint_file,
-    micro_batches_per_step,
-    train_experiment,
-)
+from sdn.params import load_params
+from sdn.training.checkpoints import config_fingerprint, load_checkpoint_file, micro_batches_per_step
+from sdn.training.machine import fit_to_machine
 from sdn.training.module import VAEModule, recount_micro_batches
+from sdn.training.run import train_experiment
 from tests.pipeline_project import MICRO_DENSITY, REPO, Project
 from tests.reliability_tools import leftover_processes, write_random_split
 

@@ -20,15 +20,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from sdn.__main__ import describe
 from sdn.__main__ import main as sdn_main
-from sdn.config import TrainConfig, experiment_config, load_params
+from sdn.config import TrainConfig, experiment_config
+from sdn.data.datamodule import StepBatchSampler
+from sdn.hyperparameters import DensityConfig, DisentanglementConfig
 from sdn.layers import ResSDNLayer, SDNLayer
-from sdn.models.build import build_model, prepare_model
-from sdn.models.configs import DensityConfig, DisentanglementConfig
+from sdn.models import build_model, prepare_model
 from sdn.models.density import DensityVAE
 from sdn.models.disentanglement import DisentanglementVAE, beta_schedule
 from sdn.models.distributions import bits_per_dim
 from sdn.models.latents import MaskedConv2d
-from sdn.training import StepBatchSampler, VAEModule, count_parameters
+from sdn.params import load_params
+from sdn.training.module import VAEModule, count_parameters
 from tests.params_tools import dataset_of, detach
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from sdn.evaluation import samples as pictures
-from sdn.models.build import build_model
+from sdn.models import build_model
 from tests.evaluation_workdir import micro_experiment
 
 

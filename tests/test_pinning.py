@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from sdn.config import dataset_config, load_params
-from sdn.data import download_dataset
+from sdn.data.sources import download_dataset
 from sdn.errors import ChecksumError
+from sdn.params import dataset_config, load_params
+from tests.network_tools import FileServer, serving
 from tests.pipeline_project import REPO
-from tests.test_data_download import FileServer, serving
 
 ARCHIVE = b"GLOW publishes no checksum for this tar\n" * 100
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from sdn.models import configs
+from sdn import hyperparameters
 from sdn.models.latents import (
     POSTERIOR_MODELS,
     PRIOR_MODELS,
@@ -423,6 +423,6 @@ def test_unknown_names_raise_with_the_choices():
 
 def test_name_tables_match_the_configuration_choices():
     # the configuration validates names against torch-free tuples; the builders use these tables
-    assert tuple(POSTERIOR_MODELS) == configs.POSTERIORS
-    assert tuple(PRIOR_MODELS) == configs.PRIORS
-    assert tuple(OBSERVATION_MODELS) == configs.OBSERVATIONS
+    assert tuple(POSTERIOR_MODELS) == hyperparameters.POSTERIORS
+    assert tuple(PRIOR_MODELS) == hyperparameters.PRIORS
+    assert tuple(OBSERVATION_MODELS) == hyperparameters.OBSERVATIONS

@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from sdn.config import experiment_config, load_params
+from sdn.config import experiment_config
 from sdn.errors import ChecksumError, ConfigError, ReleaseCheckpointError
+from sdn.params import load_params
 from sdn.release import import_release, load_release_checkpoint, read_release_checkpoint
-from sdn.training import LAST_CHECKPOINT, load_ema_model
+from sdn.training.checkpoints import LAST_CHECKPOINT
+from sdn.training.module import load_ema_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

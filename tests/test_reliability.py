@@ -37,17 +37,17 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from sdn.data import convert_dataset, read_metadata
+from sdn.data.datamodule import ShardSampler, StepBatchSampler
+from sdn.data.lmdb_store import read_metadata
+from sdn.data.sources import convert_dataset
 from sdn.errors import CheckpointError, DataError, DatasetError, NonFiniteLossError
-from sdn.training import (
+from sdn.training.checkpoints import (
     LAST_CHECKPOINT,
     AtomicCheckpointIO,
-    ShardSampler,
-    StepBatchSampler,
     config_fingerprint,
-    load_ema_model,
     resumable_checkpoint,
 )
+from sdn.training.module import load_ema_model
 from tests.params_tools import section_of
 from tests.pipeline_project import Project
 from tests.reliability_tools import (

@@ -7,12 +7,13 @@ import copy
 
 import pytest
 
-from sdn.config import load_params, validate_params
+from sdn.config import validate_params
 from sdn.data.sources import make_source
 from sdn.errors import ConfigError
-from sdn.models.configs import OBSERVATIONS, POSTERIORS, PRIORS
+from sdn.hyperparameters import OBSERVATIONS, POSTERIORS, PRIORS
 from sdn.models.latents import build_posterior, build_prior
 from sdn.models.observations import build_observation
+from sdn.params import load_params
 
 PARAMS = load_params()
 CIFAR10 = PARAMS["datasets"]["cifar10"]

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sdn.config import load_params, validate_params
+from sdn.config import validate_params
+from sdn.params import load_params
 from sdn.summary import (
     README_END,
     README_START,

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from sdn.config import ExperimentConfig, experiment_config
-from sdn.training import train_experiment
+from sdn.training.run import train_experiment
 from tests.evaluation_workdir import EvaluationWorkdir, micro_experiment, micro_project_params
 
 DENSITY = "photos32-cnn"  # micro: 8x8 images, 48 training images in batches of 8: 6 steps an epoch

@@ -24,14 +24,16 @@ import numpy as np
 import pytest
 import torch
 
-from sdn.data import ImageDataModule, LMDBImageDataset, convert_dataset, inspect_dataset
-from sdn.data.lmdb_store import SplitMetadata, write_split
+from sdn.data.datamodule import ImageDataModule
+from sdn.data.lmdb_store import LMDBImageDataset, SplitMetadata, inspect_dataset, write_split
+from sdn.data.sources import convert_dataset
 from sdn.errors import CheckpointError, ChecksumError, DatasetError
-from sdn.training import LAST_CHECKPOINT, AtomicCheckpointIO, load_ema_model
+from sdn.training.checkpoints import LAST_CHECKPOINT, AtomicCheckpointIO
+from sdn.training.module import load_ema_model
+from tests.dataset_files import cifar_archive, python2_pickle
+from tests.network_tools import FileServer, serving
 from tests.pipeline_project import Project
 from tests.reliability_tools import EXPERIMENT, Workdir, stage_process, tiny_cfg
-from tests.test_data_download import FileServer, serving
-from tests.test_data_sources import cifar_archive, python2_pickle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +122,7 @@ def test_metadata_records_the_checksum_computed_from_the_file_read(tmp_path: Pat
     cfg = _place(tmp_path, archive)
     cfg["md5"] = cfg["md5"].upper()  # the same pin, spelt otherwise: the record is what was computed
     out = convert_dataset("cifar10", cfg, tmp_path / "raw", tmp_path / "lmdb")
-    from sdn.data import read_metadata
+    from sdn.data.lmdb_store import read_metadata
 
     assert read_metadata(out / "train").source == {"url": cfg["url"], "md5": hashlib.md5(archive).hexdigest()}
 
@@ -193,7 +195,7 @@ def _truncate(split: Path) -> None:
 READERS = {
     "inspect": [sys.executable, "-m", "sdn", "inspect", "photos32"],
     "datamodule": [sys.executable, "-c", textwrap.dedent("""
-        from sdn.data import ImageDataModule
+        from sdn.data.datamodule import ImageDataModule
         from sdn.errors import DataError
         try:
             module = ImageDataModule("data/lmdb/photos32", batch_size=4)

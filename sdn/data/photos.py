@@ -9,8 +9,13 @@ on every run.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from sdn.data.source import Batches, DatasetContent, DatasetSettings, OfflineSource, SplitSource
+from sdn.schema import AT_LEAST_1, ranged, type_ok
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
@@ -81,3 +86,66 @@ def cut_patches(
                     patches.append(image[y : y + size, x : x + size].transpose(2, 0, 1))
                     origins.append((photo_index, factor, y, x))
     return np.stack(patches), np.array(origins, dtype=np.int64)
+
+
+@dataclass(kw_only=True)
+class Photos32Settings(DatasetSettings):
+    photos: list  # names of PHOTOS
+    val_photos: list  # those of `photos` whose patches make the validation split
+    stride: int = ranged(allowed=AT_LEAST_1)
+    reductions: list = ranged(allowed=AT_LEAST_1, factory=lambda: [1])
+
+
+class Photos32Source(OfflineSource):
+    """photos32: patches of bundled photographs; validation photographs given by name."""
+
+    settings = Photos32Settings
+    generator_keys = ("photos", "image_size", "stride", "reductions")
+
+    def check(self) -> None:
+        known = set(PHOTOS)
+        for key in ("photos", "val_photos"):
+            unknown = [p for p in self.cfg[key] if p not in known]
+            self.require(
+                not unknown, key, f"unknown photo(s) {unknown}; bundled: {', '.join(PHOTOS)}"
+            )
+        self.require(
+            len(set(self.cfg["photos"])) == len(self.cfg["photos"]), "photos", "lists a photo twice"
+        )
+        val_photos = set(self.cfg["val_photos"])
+        self.require(
+            bool(val_photos) and val_photos < set(self.cfg["photos"]),
+            "val_photos",
+            "must be some, but not all, of `photos`",
+        )
+        self.require(
+            bool(self.cfg["reductions"]) and all(type_ok(r, int) for r in self.cfg["reductions"]),
+            "reductions",
+            "must be a list of integer factors >= 1",
+        )
+
+    def download(self, raw_dir: Path) -> None:
+        patches, origins = cut_patches(
+            self.cfg["photos"], self.cfg["image_size"], self.cfg["stride"], self.cfg["reductions"]
+        )
+        info = {k: self.cfg[k] for k in self.generator_keys}
+        info["origin_columns"] = ["photo", "reduction", "y", "x"]
+        self.write_arrays(raw_dir, {"patches": patches, "origins": origins}, info)
+
+    def read(self, raw_dir: Path) -> DatasetContent:
+        _, (patches, origins) = self.load_arrays(raw_dir, "patches", "origins")
+        names = self.cfg["photos"]
+        val = np.isin(origins[:, 0], [names.index(p) for p in self.cfg["val_photos"]])
+
+        def batches(mask: np.ndarray) -> Batches:
+            yield patches[mask], origins[mask][:, :1]
+
+        return DatasetContent(
+            splits={
+                "train": SplitSource(lambda: batches(~val), int((~val).sum())),
+                "val": SplitSource(lambda: batches(val), int(val.sum())),
+            },
+            label_names=("photo",),
+            label_sizes=(len(names),),
+            label_values={"photo": list(names)},
+        )

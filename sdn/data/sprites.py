@@ -19,8 +19,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from sdn.data.source import (
+    Batches,
+    DatasetContent,
+    DatasetSettings,
+    OfflineSource,
+    SplitSource,
+    val_fraction,
+    val_mask,
+    val_seed,
+)
+from sdn.schema import AT_LEAST_1, Range, field_range, ranged
 
 FACTOR_NAMES = ("shape", "scale", "rotation", "x", "y", "hue")
 SHAPES = ("square", "ellipse", "triangle", "heart")
@@ -127,3 +141,59 @@ def render_sprites(factors: np.ndarray, sizes: Mapping[str, int], image_size: in
         blend = (colours[hue][:, None, None] * windows[key] + area // 2) // area
         image[:, cy - radius : cy + radius + 1, cx - radius : cx + radius + 1] = blend
     return images
+
+
+@dataclass(kw_only=True)
+class SpritesSettings(DatasetSettings):
+    val_fraction: float = val_fraction()
+    seed: int = val_seed()
+    count: int | None = ranged(None, Range(2))  # images drawn; null: every combination
+    factors: dict = ranged(allowed=AT_LEAST_1)  # the number of values of each factor
+
+
+class SpritesSource(OfflineSource):
+    """sprites: rendered images of factors drawn uniformly from their product (rendered above)."""
+
+    settings = SpritesSettings
+    generator_keys = ("image_size", "factors", "count", "seed")
+
+    def check(self) -> None:
+        for factor, size in self.cfg["factors"].items():
+            field_range(SpritesSettings, "factors").check(size, f"datasets.{self.name}.factors.{factor}")
+        problem = check_sizes(self.cfg["factors"], self.cfg["image_size"])
+        self.require(problem is None, "factors", problem or "")
+        # labels come in the renderer's order, whatever the order in params.yaml
+        self.cfg["factors"] = {name: self.cfg["factors"][name] for name in FACTOR_NAMES}
+        total = math.prod(self.cfg["factors"].values())
+        count = self.cfg["count"]
+        self.require(
+            count is None or 2 <= count <= total,
+            "count",
+            f"must be null (all {total} combinations) or 2..{total}",
+        )
+
+    def download(self, raw_dir: Path) -> None:
+        sizes = self.cfg["factors"]
+        factors = sample_factors(list(sizes.values()), self.cfg["count"], self.cfg["seed"])
+        images = render_sprites(factors, sizes, self.cfg["image_size"])
+        info = {k: self.cfg[k] for k in self.generator_keys}
+        info["values"] = factor_values(sizes, self.cfg["image_size"])
+        self.write_arrays(raw_dir, {"images": images, "factors": factors}, info)
+
+    def read(self, raw_dir: Path) -> DatasetContent:
+        info, (images, factors) = self.load_arrays(raw_dir, "images", "factors")
+        val = val_mask(len(images), float(self.cfg["val_fraction"]), self.cfg["seed"])
+
+        def batches(mask: np.ndarray) -> Batches:
+            yield images[mask], factors[mask]
+
+        sizes = self.cfg["factors"]
+        return DatasetContent(
+            splits={
+                "train": SplitSource(lambda: batches(~val), int((~val).sum())),
+                "val": SplitSource(lambda: batches(val), int(val.sum())),
+            },
+            label_names=tuple(sizes),
+            label_sizes=tuple(sizes.values()),
+            label_values=info["values"],
+        )

@@ -26,7 +26,8 @@ from sdn.evaluation import samples as pictures
 from sdn.evaluation.device import experiment_device, precision_context, precision_used
 from sdn.evaluation.likelihood import evaluate_density
 from sdn.evaluation.spectrum import nyquist_share
-from sdn.training import LAST_CHECKPOINT, load_ema_model
+from sdn.training.checkpoints import LAST_CHECKPOINT
+from sdn.training.module import load_ema_model
 
 # The pictures the sample stage draws for each kind of model besides its sample grids, in drawing
 # order: what each model learnt shows differently (a ladder's layers, a β-VAE's codes).

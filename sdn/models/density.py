@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdn.layers import DirectionCycle, ResSDNLayer
-from sdn.models.configs import (
+from sdn.hyperparameters import (
     DensityConfig,
     conv_geometry,
     input_padding,
@@ -21,6 +20,7 @@ from sdn.models.configs import (
     last_layer_uses_sdn,
     uses_sdn_at,
 )
+from sdn.layers import DirectionCycle, ResSDNLayer
 from sdn.models.latents import build_posterior, build_prior
 from sdn.models.observations import build_observation
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sdn.hyperparameters import BETA_VAE_SCALES, DisentanglementConfig, uses_sdn_at
 from sdn.layers import DirectionCycle, SDNLayer
-from sdn.models.configs import BETA_VAE_SCALES, DisentanglementConfig, uses_sdn_at
 from sdn.models.observations import build_observation
 
 # Decoder stages after the 4×4 reshape: (in channels, out channels, output scale).

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from sdn.config import ExperimentConfig
 from sdn.data.datamodule import random_flips
 from sdn.errors import CheckpointError, NonFiniteLossError
-from sdn.models.build import build_model, prepare_model
+from sdn.models import build_model, prepare_model
 from sdn.models.distributions import bits_per_dim
 from sdn.training.checkpoints import config_fingerprint, load_checkpoint_file
 

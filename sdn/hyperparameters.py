@@ -1,8 +1,11 @@
-"""Hyper-parameters of the two VAEs (plain dataclasses; importing them needs no torch)."""
+"""Hyper-parameters of the two VAEs and their geometry: plain dataclasses and no torch, so the
+configuration (and through it every stage) reads them without importing the models (`sdn.models`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from sdn.schema import AT_LEAST_1, NON_NEGATIVE, Range, ranged
 
 # The choices of the models' string knobs, named as in the release's hyper-parameters; the
 # distributions' tables (`sdn.models.latents`, `sdn.models.observations`) list the same names.
@@ -10,49 +13,52 @@ MODEL_KINDS = ("density", "disentanglement")
 POSTERIORS = ("IAF", "IsoGaussian")
 PRIORS = ("IsoGaussian",)
 OBSERVATIONS = ("DML", "DL", "Bernoulli")
+# The ranges of the numeric knobs both models share beyond counts: SDN sweep directions (0..4)
+# and the bits per colour channel (1..8).
+DIRECTIONS, BITS = Range(0, 4), Range(1, 8)
 
 
 @dataclass
 class DensityConfig:
     """Hyper-parameters of the SDN-VAE, named as in the paper's release."""
 
-    image_size: int
-    channels: int
-    z_size: int = 4
-    h_size: int = 200
-    depth: int = 15
-    ds_list: list[int] = field(default_factory=lambda: [5, 10])
+    image_size: int = ranged(allowed=AT_LEAST_1)
+    channels: int = ranged(allowed=AT_LEAST_1)
+    z_size: int = ranged(4, AT_LEAST_1)
+    h_size: int = ranged(200, AT_LEAST_1)
+    depth: int = ranged(15, AT_LEAST_1)
+    ds_list: list[int] = ranged(allowed=NON_NEGATIVE, factory=lambda: [5, 10])
     downsample_first: bool = False
-    sdn_max_scale: int = 32
-    sdn_min_scale: int = 0
-    sdn_nfeat_0: int = 360
-    sdn_nfeat_diff: int = 0
-    sdn_num_dirs: int = 2
+    sdn_max_scale: int = ranged(32, NON_NEGATIVE)
+    sdn_min_scale: int = ranged(0, NON_NEGATIVE)
+    sdn_nfeat_0: int = ranged(360, NON_NEGATIVE)
+    sdn_nfeat_diff: int = ranged(0, NON_NEGATIVE)
+    sdn_num_dirs: int = ranged(2, DIRECTIONS)
     post_model: str = "IAF"
     prior_model: str = "IsoGaussian"
     obs_model: str = "DML"
-    mix_components: int = 5
-    nbits: int = 8
-    free_bits: float = 0.0
+    mix_components: int = ranged(5, AT_LEAST_1)
+    nbits: int = ranged(8, BITS)
+    free_bits: float = ranged(0.0, NON_NEGATIVE)
 
 
 @dataclass
 class DisentanglementConfig:
     """Hyper-parameters of the SDN β-VAE, named as in the paper's release."""
 
-    image_size: int = 64
-    channels: int = 3
-    z_size: int = 10
-    sdn_max_scale: int = 32
-    sdn_min_scale: int = 32
-    sdn_nfeat_0: int = 200
-    sdn_nfeat_diff: int = 0
-    sdn_num_dirs: int = 1
+    image_size: int = ranged(64, AT_LEAST_1)
+    channels: int = ranged(3, AT_LEAST_1)
+    z_size: int = ranged(10, AT_LEAST_1)
+    sdn_max_scale: int = ranged(32, NON_NEGATIVE)
+    sdn_min_scale: int = ranged(32, NON_NEGATIVE)
+    sdn_nfeat_0: int = ranged(200, NON_NEGATIVE)
+    sdn_nfeat_diff: int = ranged(0, NON_NEGATIVE)
+    sdn_num_dirs: int = ranged(1, DIRECTIONS)
     obs_model: str = "DL"
-    mix_components: int = 5
-    nbits: int = 8
-    beta_final: float = 1.0
-    beta_rate: float = 1.0
+    mix_components: int = ranged(5, AT_LEAST_1)
+    nbits: int = ranged(8, BITS)
+    beta_final: float = ranged(1.0, NON_NEGATIVE)
+    beta_rate: float = ranged(1.0, Range(0, 1, low_open=True))
 
 
 # --------------------------------------------------------------------------------------------
