@@ -276,8 +276,8 @@ def test_cifar10_preset_with_accelerator_cpu_trains_in_one_process_of_8_micro_ba
     checkpoint = load_checkpoint_file(project.root / "data" / "checkpoints" / "cifar10-sdn" / "last.ckpt")
     assert checkpoint["global_step"] == 2 and checkpoint["sdn_micro_batches"] == 8
     assert checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 16
-    assert checkpoint["sdn_fingerprint"] == config_fingerprint(experiment_config(project.read_params(),
-                                                                                 "cifar10-sdn"))
+    params = load_params(project.root / "params.yaml")  # with the project's paper.yaml, where cifar10-sdn is
+    assert checkpoint["sdn_fingerprint"] == config_fingerprint(experiment_config(params, "cifar10-sdn"))
     assert leftover_processes(project) == []
 
 
