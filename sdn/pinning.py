@@ -68,7 +68,9 @@ def pin(name: str, root: Path = Path(".")) -> str:
             "again."
         )
     where = root / defining_files(params_path)[keys[0]][name]
-    yaml = YAML()  # round trip, laid out as DVC writes parameter files
+    # round trip, laid out as DVC writes parameter files; its loader builds plain YAML types only
+    # (an unknown tag stays a tagged value), never an arbitrary Python object
+    yaml = YAML(typ="rt")
     yaml.default_flow_style = False
     data = yaml.load(where.read_text())
     node = data
