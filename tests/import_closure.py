@@ -1,10 +1,10 @@
 """The project modules a script can import: a static walk of `import sdn...` / `from sdn... import`
 statements, function-level ones included, resolving packages to their `__init__.py`.
 
-A module-level `__getattr__` (PEP 562, how the packages load heavy parts lazily) is followed
-only for the names it serves that some module of the closure imports by name (`from sdn import
-SDNLayer`), or for all its names when a module is imported whole (`import sdn.config`), since
-any attribute may then be looked up.
+A module-level `__getattr__` (PEP 562: how the package `sdn` serves `SDNLayer` and
+`ResSDNLayer` on first use) is followed only for the names it serves that some module of the
+closure imports by name (`from sdn import SDNLayer`), or for all its names when a module is
+imported whole (`import sdn.config`), since any attribute may then be looked up.
 """
 
 from __future__ import annotations
